@@ -1,0 +1,201 @@
+"""The preprocessing Beam graph: read, decode, split, dedupe, analyse, write.
+
+:func:`build` only wires transforms into a pipeline it is given; the stage module runs it.
+All file access goes through Beam's own I/O (``ReadFromText``, ``WriteToTFRecord``) and
+``pipeline.storage``, so the same graph runs on the local runner, Dataflow, Flink or Spark.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import tensorflow_transform.beam as tft_beam
+from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+from components.preprocess import analysis, schema, transforms
+from components.preprocess.sources import SPLITS, Candidate
+from pipeline import storage
+
+LEAKAGE_EXAMPLES = 10
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the graph needs, resolved by the stage before the pipeline starts."""
+
+    candidates_uri: str
+    output_dir: str  # TFRecords, dead letters, duplicates and the pipeline's counts
+    transform_fn_dir: str  # where WriteTransformFn writes (TF file system)
+    image_size: int
+    min_image_size: int
+    jpeg_quality: int
+    num_shards: int
+    split_fractions: tuple[float, float, float]
+    source_has_eval: bool
+
+
+class _ReadImageFn(beam.DoFn):
+    """Reads one image's bytes; on every worker. Unreadable files become dead letters."""
+
+    def process(self, candidate: Candidate):
+        record = {"uri": candidate.uri, "label": candidate.label, "split": candidate.split}
+        if candidate.problem:
+            yield beam.pvalue.TaggedOutput(
+                transforms.DEAD_LETTER,
+                transforms.dead_letter(record, "ListImages", candidate.problem, candidate.detail),
+            )
+            return
+        try:
+            record["data"] = storage.read_bytes(candidate.uri)
+        except OSError as e:
+            yield beam.pvalue.TaggedOutput(
+                transforms.DEAD_LETTER,
+                transforms.dead_letter(record, "ReadImages", "unreadable", f"{type(e).__name__}: {e}"),
+            )
+            return
+        yield record
+
+
+def _raw(example: dict[str, Any]) -> dict[str, Any]:
+    return {k: example[k] for k in analysis.RAW_FEATURE_SPEC}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def build(p: beam.Pipeline, plan: Plan) -> None:
+    """Adds the whole preprocessing graph to ``p``; must run inside a ``tft_beam.Context``."""
+    read = (
+        p
+        | "ListImages" >> beam.io.ReadFromText(plan.candidates_uri)
+        | "ParseCandidates" >> beam.Map(Candidate.from_json)
+        | "Distribute" >> beam.Reshuffle()
+        | "ReadImages" >> beam.ParDo(_ReadImageFn()).with_outputs(transforms.DEAD_LETTER, main="records")
+    )
+    decoded = read.records | "DecodeAndValidate" >> transforms.DecodeAndValidate(
+        plan.image_size, plan.min_image_size, plan.jpeg_quality
+    )
+    train_f, eval_f, test_f = plan.split_fractions
+    deduped = (
+        decoded.examples
+        | "AssignSplits" >> transforms.AssignSplits(train_f, eval_f, test_f, plan.source_has_eval)
+        | "Deduplicate" >> transforms.Deduplicate()
+    )
+    by_split = dict(zip(SPLITS, deduped.examples | "SplitBy" >> transforms.SplitBy()))
+
+    metadata = dataset_metadata.DatasetMetadata(
+        schema_utils.schema_from_feature_spec(analysis.RAW_FEATURE_SPEC)
+    )
+    raw = {s: by_split[s] | f"ToRaw[{s}]" >> beam.Map(_raw) for s in SPLITS}
+    transform_fn = (raw["train"], metadata) | "AnalyzeDataset" >> tft_beam.AnalyzeDataset(
+        analysis.preprocessing_fn
+    )
+    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(plan.transform_fn_dir)
+
+    dead_letters = [read[transforms.DEAD_LETTER], decoded[transforms.DEAD_LETTER]]
+    facts = []
+    stats = None
+    for s in SPLITS:
+        transformed, _ = ((raw[s], metadata), transform_fn) | f"Transform[{s}]" >> tft_beam.TransformDataset()
+        known, unknown = transformed | f"CheckLabels[{s}]" >> beam.Partition(
+            lambda row, n: int(row["label"] == analysis.UNKNOWN_LABEL), 2
+        )
+        dead_letters.append(unknown | f"UnknownLabels[{s}]" >> beam.Map(_unknown_label, s))
+        _ = (
+            known
+            | f"Encode[{s}]" >> beam.Map(
+                lambda r: schema.encode_example(r["image"], r["label"], _text(r["label_name"]), _text(r["uri"]))
+            )
+            | f"WriteTFRecords[{s}]" >> beam.io.WriteToTFRecord(
+                storage.join(plan.output_dir, s, "data"),
+                file_name_suffix=schema.TFRECORD_SUFFIX,
+                num_shards=plan.num_shards,
+            )
+        )
+        facts.append(known | f"CountRecords[{s}]" >> beam.Map(lambda r, s=s: ("record", s, _text(r["label_name"]))))
+        if s == "train":
+            stats = known | "ImageStats" >> beam.combiners.Sample.FixedSizeGlobally(1) | beam.FlatMap(
+                lambda rows: [{"mean": [float(v) for v in r["image_mean"]],
+                               "std": [float(v) for v in r["image_std"]]} for r in rows]
+            )
+
+    all_dead = dead_letters | "FlattenDeadLetters" >> beam.Flatten()
+    _write_jsonl(all_dead, storage.join(plan.output_dir, "dead_letter.jsonl"), "WriteDeadLetters")
+    _write_jsonl(deduped.duplicate, storage.join(plan.output_dir, "duplicates.jsonl"), "WriteDuplicates")
+    facts.append(all_dead | "CountDeadLetters" >> beam.Map(lambda d: ("dead_letter", d["reason"])))
+    facts.append(deduped.duplicate | "CountDuplicates" >> beam.FlatMap(_duplicate_facts))
+    leakage = (
+        deduped.duplicate
+        | "CrossSplit" >> beam.Filter(lambda d: d["cross_split"])
+        | "LeakageExamples" >> beam.combiners.Sample.FixedSizeGlobally(LEAKAGE_EXAMPLES)
+    )
+    _ = (
+        facts
+        | "FlattenFacts" >> beam.Flatten()
+        | "CountFacts" >> beam.combiners.Count.PerElement()
+        | "CollectFacts" >> beam.combiners.ToList()
+        | "Summarize" >> beam.Map(
+            _summarize, stats=beam.pvalue.AsList(stats), leakage=beam.pvalue.AsSingleton(leakage)
+        )
+        | "WriteCounts" >> beam.io.WriteToText(
+            storage.join(plan.output_dir, "counts.json"), shard_name_template="", num_shards=1
+        )
+    )
+
+
+def _unknown_label(row: dict[str, Any], split: str) -> dict[str, Any]:
+    record = {"uri": _text(row["uri"]), "label": _text(row["label_name"]), "split": split}
+    return transforms.dead_letter(
+        record, "ApplyVocabulary", "label_not_in_train",
+        f"label '{record['label']}' appears in {split} but in no train image",
+    )
+
+
+def _duplicate_facts(dup: dict[str, Any]):
+    yield ("duplicate", "count")
+    if dup["cross_split"]:
+        yield ("duplicate", "cross_split")
+    if dup["conflicting_label"]:
+        yield ("duplicate", "conflicting_label")
+
+
+def _write_jsonl(pcoll, path: str, name: str) -> None:
+    _ = (
+        pcoll
+        | f"{name}ToJson" >> beam.Map(lambda row: json.dumps(row, sort_keys=True))
+        | name >> beam.io.WriteToText(path, shard_name_template="", num_shards=1)
+    )
+
+
+def _summarize(counted: list, stats: list, leakage: list) -> str:
+    """Folds the counted facts into the pipeline's part of summary.json (one JSON line)."""
+    records = {s: 0 for s in SPLITS}
+    per_class: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+    by_reason: dict[str, int] = {}
+    duplicates = {"count": 0, "cross_split": 0, "conflicting_label": 0}
+    for fact, n in counted:
+        if fact[0] == "record":
+            records[fact[1]] += n
+            per_class[fact[1]][fact[2]] = n
+        elif fact[0] == "dead_letter":
+            by_reason[fact[1]] = n
+        else:
+            duplicates[fact[1]] = n
+    return json.dumps({
+        "records": records,
+        "per_class": {s: dict(sorted(c.items())) for s, c in per_class.items()},
+        "dead_letter": {"count": sum(by_reason.values()), "by_reason": dict(sorted(by_reason.items()))},
+        "duplicates": duplicates,
+        "leakage": {
+            "count": duplicates["cross_split"],
+            "examples": sorted(
+                ({k: d[k] for k in ("uri", "split", "duplicate_of", "kept_split")} for d in leakage),
+                key=lambda d: d["uri"],
+            ),
+        },
+        "image_stats": stats[0] if stats else None,
+    }, sort_keys=True)

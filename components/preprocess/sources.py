@@ -1,0 +1,190 @@
+"""Finding the labelled images: class folders, split folders or a CSV/JSONL manifest.
+
+Runs in the driver, before the Beam pipeline: it lists names and sizes only (no image is
+read here) and turns every file or manifest row into a :class:`Candidate`. A row that
+cannot be a training example (no label, an unknown split) still becomes a candidate, with
+the problem recorded, so the pipeline sends it to the dead letters instead of losing it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+
+from pipeline import storage
+from pipeline.errors import ConfigError
+
+SPLITS = ("train", "eval", "test")
+# Folder or manifest split names -> the pipeline's split names.
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "eval": "eval",
+    "validation": "eval",
+    "val": "eval",
+    "valid": "eval",
+    "test": "test",
+    "testing": "test",
+}
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
+_HEADER_NAMES = {"uri", "path", "image", "file", "filename"}
+
+# Problems found while listing (the pipeline turns them into dead letters).
+MISSING_LABEL = "missing_label"
+BAD_MANIFEST_ROW = "bad_manifest_row"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One input image as listed, before it is read.
+
+    Attributes:
+        uri: Where the bytes are (local path or gs:// URI).
+        label: The class name, or ``""`` when there is none.
+        split: The split the source assigned (``train``/``eval``/``test``), or ``""``.
+        size: Size in bytes when the listing knows it, else -1.
+        problem: A dead-letter reason found while listing, or ``""``.
+        detail: Words on the problem.
+    """
+
+    uri: str
+    label: str = ""
+    split: str = ""
+    size: int = -1
+    problem: str = ""
+    detail: str = ""
+
+    def to_json(self) -> str:
+        """One JSON line, the format the pipeline reads candidates in."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(line: str) -> Candidate:
+        """Parses a line written by :meth:`to_json`."""
+        return Candidate(**json.loads(line))
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What :func:`discover` found.
+
+    Attributes:
+        layout: ``class_folders``, ``split_folders`` or ``manifest``.
+        candidates: Every file or row, sorted by uri.
+        has_eval: Whether the source assigns an eval split itself (else it is carved out of
+            train, or of everything for class folders).
+    """
+
+    layout: str
+    candidates: list[Candidate]
+    has_eval: bool
+
+
+def discover(source: str) -> Listing:
+    """Lists ``source`` and returns one candidate per file or manifest row.
+
+    Raises:
+        ConfigError: when the source does not exist or holds no files.
+    """
+    if source.lower().endswith(MANIFEST_SUFFIXES):
+        if not storage.exists(source):
+            raise ConfigError(f"data.source: manifest not found: {source}")
+        candidates = _from_manifest(source)
+        return _listing("manifest", candidates)
+    files = storage.list_files(source)
+    if not files:
+        raise ConfigError(
+            f"data.source: no files under {source}. Expected class folders (<class>/<image>), "
+            "split folders (train|validation|test/<class>/<image>) or a .csv/.jsonl manifest."
+        )
+    base = source.rstrip("/") + "/"
+    relative = [(f, f.uri[len(base):].split("/")) for f in files]
+    top = {parts[0] for _, parts in relative if len(parts) > 1}
+    if top and top <= set(SPLIT_ALIASES) and any(SPLIT_ALIASES[t] == "train" for t in top):
+        candidates = [_from_path(f, parts, with_split=True) for f, parts in relative]
+        return _listing("split_folders", candidates)
+    return _listing("class_folders", [_from_path(f, parts, with_split=False) for f, parts in relative])
+
+
+def _listing(layout: str, candidates: list[Candidate]) -> Listing:
+    candidates = sorted(candidates, key=lambda c: c.uri)
+    return Listing(layout, candidates, has_eval=any(c.split == "eval" for c in candidates))
+
+
+def _from_path(info: storage.FileInfo, parts: list[str], with_split: bool) -> Candidate:
+    """``<class>/.../<file>`` or ``<split>/<class>/.../<file>``; deeper folders keep the class."""
+    if with_split:
+        split, parts = SPLIT_ALIASES.get(parts[0], ""), parts[1:]
+        if not split:
+            return Candidate(info.uri, size=info.size, problem=MISSING_LABEL,
+                             detail=f"'{parts[0]}' is not a split folder ({', '.join(SPLIT_ALIASES)})")
+    else:
+        split = ""
+    if len(parts) < 2:
+        where = "split folder" if with_split else "source folder"
+        return Candidate(info.uri, split=split, size=info.size, problem=MISSING_LABEL,
+                         detail=f"file lies directly in the {where}, not in a class folder")
+    return Candidate(info.uri, label=parts[0], split=split, size=info.size)
+
+
+def _from_manifest(uri: str) -> list[Candidate]:
+    text = storage.read_text(uri)
+    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    if uri.lower().endswith(".csv"):
+        rows = _csv_rows(text)
+    else:
+        rows = _jsonl_rows(text)
+    return [_manifest_candidate(uri, base, n, row) for n, row in rows]
+
+
+def _csv_rows(text: str) -> list[tuple[int, dict | str]]:
+    reader = list(csv.reader(io.StringIO(text)))
+    header = ["uri", "label", "split"]
+    start = 0
+    if reader and reader[0] and reader[0][0].strip().lower() in _HEADER_NAMES:
+        header = [h.strip().lower() for h in reader[0]]
+        header[0] = "uri"
+        start = 1
+    rows: list[tuple[int, dict | str]] = []
+    for n, cells in enumerate(reader[start:], start=start + 1):
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) > len(header):
+            rows.append((n, f"{len(cells)} columns, expected at most {len(header)}: {cells}"))
+            continue
+        rows.append((n, dict(zip(header, (c.strip() for c in cells)))))
+    return rows
+
+
+def _jsonl_rows(text: str) -> list[tuple[int, dict | str]]:
+    rows: list[tuple[int, dict | str]] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.append((n, f"not valid JSON: {e}"))
+            continue
+        rows.append((n, row if isinstance(row, dict) else f"expected an object, got {line[:80]}"))
+    return rows
+
+
+def _manifest_candidate(manifest: str, base: str, line: int, row: dict | str) -> Candidate:
+    if isinstance(row, str):
+        return Candidate(f"{manifest}#L{line}", problem=BAD_MANIFEST_ROW, detail=row)
+    path = str(row.get("uri") or row.get("path") or "").strip()
+    if not path:
+        return Candidate(f"{manifest}#L{line}", problem=BAD_MANIFEST_ROW, detail="no uri")
+    uri = path if storage.is_absolute(path) else storage.join(base, path)
+    label = str(row.get("label") or "").strip()
+    raw_split = str(row.get("split") or "").strip().lower()
+    split = SPLIT_ALIASES.get(raw_split, "")
+    if raw_split and not split:
+        return Candidate(uri, label=label, problem=BAD_MANIFEST_ROW,
+                         detail=f"line {line}: unknown split '{raw_split}' ({', '.join(SPLIT_ALIASES)})")
+    if not label:
+        return Candidate(uri, split=split, problem=MISSING_LABEL, detail=f"line {line}: empty label")
+    return Candidate(uri, label=label, split=split)

@@ -1,0 +1,1 @@
+"""Wiring of the stages: command line, configuration and the storage edge."""

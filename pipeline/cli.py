@@ -1,0 +1,106 @@
+"""The ``finetune`` command line.
+
+Every stage command takes ``--config FILE`` and any number of ``--set key=value``
+overrides; the configuration is loaded and validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pipeline.errors import ConfigError, FinetuneError
+
+EPILOG = """\
+examples:
+  finetune preprocess --config configs/beans.yaml
+  finetune preprocess --config my.yaml --set data.source=gs://bucket/images --set model.image_size=128
+  finetune config --config my.yaml          # print the resolved configuration
+
+Configuration is read in this order: built-in defaults, the YAML file, then --set overrides.
+A config with only data.source and run_dir works; `finetune config` shows every key.
+"""
+
+
+def _config_args() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", metavar="FILE", help="YAML configuration file (local or gs://)")
+    parent.add_argument(
+        "--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+        help="override one key, e.g. --set model.image_size=128 (repeatable; values are YAML)",
+    )
+    parent.add_argument("-v", "--verbose", action="store_true", help="show Beam and TensorFlow logs")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and documentation)."""
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description=(
+            "Transfer learning for image classification at scale: preprocess labelled images "
+            "with Apache Beam + tf.Transform into TFRecords (later stages: train, evaluate, "
+            "export, push)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _config_args()
+    sub.add_parser(
+        "preprocess", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="images -> validated, deduplicated, split TFRecords + transform graph",
+        description=(
+            "Read labelled images (class folders, split folders or a CSV/JSONL manifest; local "
+            "or gs://), decode and validate them (bad ones go to dead_letter.jsonl with a "
+            "reason), drop duplicates, assign splits deterministically, compute the label "
+            "vocabulary and image statistics with tf.Transform, and write sharded TFRecords, "
+            "the transform graph and summary.json under <run_dir>/preprocess/."
+        ),
+    )
+    sub.add_parser(
+        "config", parents=[common],
+        help="print the resolved configuration (defaults + file + overrides) as YAML",
+        description="Load, validate and print the configuration without running anything.",
+    )
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "tensorflow", "absl", "tensorflow_transform"):
+        logging.getLogger(noisy).setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``finetune`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        from pipeline.config import load_config, to_yaml
+
+        config = load_config(args.config, args.overrides)
+        if args.command == "config":
+            sys.stdout.write(to_yaml(config))
+            return 0
+        if args.command == "preprocess":
+            from components.preprocess import stage
+
+            stage.run(config)
+            return 0
+    except ConfigError as e:
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
+    except FinetuneError as e:
+        print(f"finetune {args.command}: failed: {e}", file=sys.stderr)
+        return 1
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The one typed configuration tree.
+
+Loaded in a fixed order: dataclass defaults -> YAML file -> ``--set key=value`` overrides.
+Unknown keys and bad values raise :class:`ConfigError` before any work starts, naming the
+key, what was received and the valid choices. The resolved tree is passed explicitly to
+every stage and saved as ``config.yaml`` beside each stage's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from components.backbones import BACKBONES, get_backbone
+from pipeline.errors import ConfigError, did_you_mean
+
+# Beam runners we know by name; a dotted path to a runner class is passed through as well.
+KNOWN_RUNNERS = (
+    "DirectRunner",
+    "BundleBasedDirectRunner",
+    "PrismRunner",
+    "DataflowRunner",
+    "FlinkRunner",
+    "SparkRunner",
+    "PortableRunner",
+)
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Fractions used when the source has no split folders or manifest column."""
+
+    train: float = 0.8
+    eval: float = 0.1
+    test: float = 0.1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the labelled images are.
+
+    ``source`` is a directory of class folders, a directory of split folders, or a CSV or
+    JSONL manifest of ``uri,label[,split]``; a local path or a gs:// URI.
+    """
+
+    source: str = ""
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone and its input size (``0`` means the backbone's default)."""
+
+    backbone: str = "mobilenet_v2"
+    image_size: int = 0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The Beam + tf.Transform preprocessing stage.
+
+    ``runner`` and ``pipeline_options`` go to Beam unchanged, so the same pipeline runs on
+    Dataflow, Flink or Spark. ``num_workers`` sets the local runner's worker processes
+    (``0``: one per CPU core); remote runners ignore it.
+    """
+
+    runner: str = "DirectRunner"
+    pipeline_options: dict[str, Any] = field(default_factory=dict)
+    num_workers: int = 0
+    num_shards: int = 4
+    min_image_size: int = 32
+    max_bad_fraction: float = 0.1
+    jpeg_quality: int = 95
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run: every stage reads its part of this tree."""
+
+    name: str = "model"
+    run_dir: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Builds the validated configuration.
+
+    Args:
+        path: A YAML file (local or gs://), or None for defaults only.
+        overrides: ``key=value`` strings with dotted keys; values are parsed as YAML.
+
+    Raises:
+        ConfigError: on unknown keys, wrong types or invalid values, listing all of them.
+    """
+    tree = dataclasses.asdict(Config())
+    if path:
+        from pipeline import storage
+
+        try:
+            loaded = yaml.safe_load(storage.read_text(path)) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"--config: file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping, got {type(loaded).__name__}")
+        _merge(tree, loaded, Config, prefix="")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: expected key=value, got '{item}'")
+        _merge(tree, _nest(key.strip(), _parse_value(raw)), Config, prefix="")
+    return validate(_build(Config, tree, prefix=""))
+
+
+def to_yaml(config: Config) -> str:
+    """Serializes the configuration (the inverse of :func:`load_config`)."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def resolved_image_size(config: Config) -> int:
+    """The input size in pixels: ``model.image_size`` or the backbone's default."""
+    return config.model.image_size or get_backbone(config.model.backbone).default_size
+
+
+def validate(config: Config) -> Config:
+    """Checks every value; returns the config unchanged or raises one error listing all."""
+    problems: list[str] = []
+    if not _NAME_RE.match(config.name):
+        problems.append(
+            f"name: '{config.name}' must be 1-63 lowercase letters, digits or '-', starting "
+            "and ending with a letter or digit (it names registry entries and Kubernetes Jobs)"
+        )
+    if not config.run_dir:
+        problems.append("run_dir: required (a local directory or gs:// URI for all outputs)")
+    if not config.data.source:
+        problems.append("data.source: required (image folder, split folders, or CSV/JSONL manifest)")
+    split = config.data.split
+    fractions = {"train": split.train, "eval": split.eval, "test": split.test}
+    for key, value in fractions.items():
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"data.split.{key}: {value} must be between 0 and 1")
+    if split.train <= 0:
+        problems.append("data.split.train: must be above 0 (the label vocabulary comes from train)")
+    if abs(sum(fractions.values()) - 1.0) > 1e-6:
+        problems.append(f"data.split: fractions {fractions} must sum to 1")
+    if config.model.backbone not in BACKBONES:
+        problems.append(
+            f"model.backbone: unknown backbone '{config.model.backbone}'"
+            f"{did_you_mean(config.model.backbone, BACKBONES)} Valid: {', '.join(BACKBONES)}"
+        )
+    elif config.model.image_size:
+        minimum = BACKBONES[config.model.backbone].min_size
+        if config.model.image_size < minimum:
+            problems.append(
+                f"model.image_size: {config.model.image_size} is below the minimum of "
+                f"{minimum} for {config.model.backbone}; use 0 for the backbone's default"
+            )
+    problems.extend(_validate_preprocess(config.preprocess))
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return config
+
+
+def _validate_preprocess(p: PreprocessConfig) -> list[str]:
+    problems = []
+    if p.runner not in KNOWN_RUNNERS and "." not in p.runner:
+        problems.append(
+            f"preprocess.runner: unknown runner '{p.runner}'{did_you_mean(p.runner, KNOWN_RUNNERS)} "
+            f"Valid: {', '.join(KNOWN_RUNNERS)}, or a dotted path to a runner class"
+        )
+    for key, value, low, high in (
+        ("num_workers", p.num_workers, 0, 1024),
+        ("num_shards", p.num_shards, 1, 100_000),
+        ("min_image_size", p.min_image_size, 1, 100_000),
+        ("jpeg_quality", p.jpeg_quality, 1, 100),
+    ):
+        if not low <= value <= high:
+            problems.append(f"preprocess.{key}: {value} must be between {low} and {high}")
+    if not 0.0 <= p.max_bad_fraction <= 1.0:
+        problems.append(f"preprocess.max_bad_fraction: {p.max_bad_fraction} must be between 0 and 1")
+    return problems
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def _merge(tree: dict[str, Any], update: dict[str, Any], cls: type, prefix: str) -> None:
+    """Merges ``update`` into ``tree``, rejecting keys the dataclass ``cls`` does not have."""
+    hints = typing.get_type_hints(cls)
+    for key, value in update.items():
+        key = str(key)
+        if key not in hints:
+            raise ConfigError(
+                f"unknown key '{prefix}{key}'{did_you_mean(key, hints)} "
+                f"Valid keys under '{prefix or '<top>'}': {', '.join(hints)}"
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key}: expected a mapping, got {value!r}")
+            _merge(tree[key], value, hint, prefix=f"{prefix}{key}.")
+        elif typing.get_origin(hint) is dict and isinstance(value, dict):
+            tree[key] = {**tree[key], **value}
+        else:
+            tree[key] = value
+
+
+def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
+    """Builds the dataclass ``cls`` from a merged dict, coercing and checking each type."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, hint in hints.items():
+        value = tree[key]
+        name = f"{prefix}{key}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, prefix=f"{name}.")
+        else:
+            kwargs[key] = _coerce(name, value, hint)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")

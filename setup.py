@@ -1,0 +1,29 @@
+"""Installable package: `pip install -e .` gives the `finetune` command."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="finetune-pipeline",
+    version="0.1.0",
+    description=(
+        "Scalable, distributed transfer-learning pipeline for image classification: "
+        "Beam + tf.Transform preprocessing, tf.distribute fine-tuning, a gated export "
+        "and a versioned serving registry."
+    ),
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["pipeline", "pipeline.*", "components", "components.*"]),
+    install_requires=[
+        "tensorflow==2.21.*",
+        "tf-keras==2.21.*",
+        "tensorflow-transform==1.21.*",
+        "apache-beam[gcp]==2.77.*",
+        "google-cloud-storage>=3,<4",
+        "pillow>=11",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2", "gcp-storage-emulator>=2024.0"],
+        "lint": ["ruff>=0.15"],
+    },
+    entry_points={"console_scripts": ["finetune=pipeline.cli:main"]},
+)

@@ -1,0 +1,111 @@
+"""Shared test fixtures: an in-process GCS emulator on loopback.
+
+Tests that touch ``gs://`` use the ``gcs_prefix`` fixture (or ``gcs_emulator``
+directly) and carry the ``gcs`` marker, registered below so no pytest.ini is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+EMULATOR_BUCKET = "test-bucket"
+EMULATOR_PROJECT = "test-project"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Registers the ``gcs`` marker (tests that talk to the GCS emulator)."""
+    config.addinivalue_line("markers", "gcs: needs the in-process GCS emulator (gcs_emulator fixture)")
+
+
+@dataclasses.dataclass(frozen=True)
+class GcsEmulator:
+    """A running emulator: ``host`` is the STORAGE_EMULATOR_HOST value."""
+
+    host: str
+    bucket: str
+
+    def uri(self, *parts: str) -> str:
+        """Returns ``gs://<bucket>/<parts...>``."""
+        return "/".join([f"gs://{self.bucket}", *(p.strip("/") for p in parts)])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    """Starts gcp-storage-emulator on 127.0.0.1 for the whole session.
+
+    Both google-cloud-storage and Beam's GcsIO read ``STORAGE_EMULATOR_HOST`` each time
+    they build a ``storage.Client`` (Beam builds a new one per GcsIO, and a new GcsIO per
+    filesystem call), so setting it here is enough to route every gs:// call to loopback.
+
+    Beam's GcsIO always asks ``google.auth.default()`` for credentials first and, when
+    none exist, retries with exponential backoff (about 25 s) before going anonymous.
+    We point ``GOOGLE_APPLICATION_CREDENTIALS`` at an ``authorized_user`` file holding a
+    static, never-expiring dummy token: resolution is instant, nothing is ever refreshed
+    (so no request leaves the machine) and the emulator ignores the Authorization header.
+    Real credentials on the developer's machine are never picked up.
+    """
+    from gcp_storage_emulator.server import create_server
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+    adc = tmp_path_factory.mktemp("gcs-emulator") / "dummy-adc.json"
+    adc.write_text(
+        json.dumps(
+            {
+                "type": "authorized_user",
+                "client_id": "emulator",
+                "client_secret": "emulator",
+                "refresh_token": "emulator",
+                "token": "emulator-dummy-token",
+            }
+        )
+    )
+
+    server = None
+    for _ in range(5):
+        # The emulator binds inside its own thread and Server.start() waits without a
+        # timeout, so a port taken between probing and binding would hang start():
+        # start it from a helper thread and try another port if it does not come up.
+        port = _free_port()
+        candidate = create_server("127.0.0.1", port, in_memory=True)
+        starter = threading.Thread(target=candidate.start, daemon=True)
+        starter.start()
+        starter.join(timeout=10)
+        if not starter.is_alive():
+            server = candidate
+            break
+    if server is None:
+        pytest.fail("could not start gcp-storage-emulator on 127.0.0.1")
+
+    host = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STORAGE_EMULATOR_HOST", host)
+        mp.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+        mp.setenv("GOOGLE_CLOUD_PROJECT", EMULATOR_PROJECT)
+        try:
+            client = storage.Client(project=EMULATOR_PROJECT, credentials=AnonymousCredentials())
+            client.create_bucket(EMULATOR_BUCKET)
+            yield GcsEmulator(host=host, bucket=EMULATOR_BUCKET)
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def gcs_prefix(gcs_emulator: GcsEmulator) -> str:
+    """A fresh ``gs://test-bucket/<uuid>`` prefix (no trailing slash) for one test."""
+    return gcs_emulator.uri(uuid.uuid4().hex)
