@@ -90,7 +90,7 @@ def process_image(data: bytes, size: int, min_size: int = 1, quality: int = 95) 
         rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(CORRUPT_IMAGE, f"{source_format} data cannot be decoded: {e}") from None
-    pixels = np.asarray(rgb, dtype=np.float32)
+    pixels = np.asarray(rgb, dtype=np.float64)
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=quality)
     return ProcessedImage(

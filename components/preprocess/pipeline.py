@@ -16,7 +16,8 @@ import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
 from components.preprocess import analysis, schema, transforms
-from components.preprocess.sources import SPLITS, Candidate
+from components.preprocess.sources import Candidate
+from components.preprocess.splits import SPLITS
 from pipeline import storage
 
 LEAKAGE_EXAMPLES = 10

@@ -17,7 +17,6 @@ RECORD_FEATURE_SPEC = {
 }
 # Name of the label vocabulary asset in transform_fn/assets/.
 LABEL_VOCABULARY = "label"
-SPLIT_DIRS = ("train", "eval", "test")
 TFRECORD_SUFFIX = ".tfrecord"
 
 

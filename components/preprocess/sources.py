@@ -13,10 +13,10 @@ import io
 import json
 from dataclasses import asdict, dataclass
 
+from components.preprocess.splits import SPLITS
 from pipeline import storage
 from pipeline.errors import ConfigError
 
-SPLITS = ("train", "eval", "test")
 # Folder or manifest split names -> the pipeline's split names.
 SPLIT_ALIASES = {
     "train": "train",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
+SPLITS = ("train", "eval", "test")
 _SALT = b"finetune-split-v1:"
 
 

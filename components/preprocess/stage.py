@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from components.preprocess import pipeline as graph
 from components.preprocess import schema
+from components.preprocess.splits import SPLITS
 from components.preprocess.sources import discover
 from pipeline import storage
 from pipeline.config import Config, resolved_image_size, to_yaml
@@ -109,7 +110,7 @@ def run(config: Config) -> dict[str, Any]:
         problem = _problem(config, summary)
         if problem:
             summary["status"], summary["error"] = "failed", problem
-            for split_dir in ("transform_fn", "transformed_metadata", *schema.SPLIT_DIRS):
+            for split_dir in ("transform_fn", "transformed_metadata", *SPLITS):
                 storage.delete_tree(storage.join(staging, split_dir))
         storage.write_text(storage.join(staging, "summary.json"), json.dumps(summary, indent=2) + "\n")
         storage.delete_tree(final)

@@ -15,7 +15,7 @@ from typing import Any
 import apache_beam as beam
 
 from components.preprocess import images
-from components.preprocess.splits import assign_split
+from components.preprocess.splits import SPLITS, assign_split
 
 DEAD_LETTER = "dead_letter"
 DUPLICATE = "duplicate"
@@ -154,8 +154,6 @@ class SplitBy(beam.PTransform):
     """Partitions examples into ``train``, ``eval`` and ``test`` (in that order)."""
 
     def expand(self, examples):
-        from components.preprocess.sources import SPLITS
-
         return examples | "Partition" >> beam.Partition(
             lambda ex, n: SPLITS.index(ex["split"]), len(SPLITS)
         )

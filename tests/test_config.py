@@ -1,0 +1,78 @@
+"""The configuration tree: defaults, YAML, overrides, validation, round trip."""
+
+import pytest
+
+from pipeline.config import Config, load_config, resolved_image_size, to_yaml
+from pipeline.errors import ConfigError
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_minimal_config_gets_defaults(tmp_path):
+    config = load_config(_write(tmp_path, "data: {source: /images}\nrun_dir: /runs/x\n"))
+    assert config.data.source == "/images"
+    assert config.run_dir == "/runs/x"
+    assert config.model.backbone == "mobilenet_v2"
+    assert resolved_image_size(config) == 224
+    assert config.preprocess.runner == "DirectRunner"
+    assert (config.data.split.train, config.data.split.eval, config.data.split.test) == (0.8, 0.1, 0.1)
+
+
+def test_overrides_apply_after_the_file_and_parse_yaml_values(tmp_path):
+    path = _write(tmp_path, "data: {source: /a}\nrun_dir: r\nmodel: {image_size: 160}\n")
+    config = load_config(path, ["model.image_size=96", "data.split={train: 0.7, eval: 0.2, test: 0.1}",
+                                "preprocess.pipeline_options.temp_location=gs://b/tmp"])
+    assert config.model.image_size == 96
+    assert config.data.split.eval == 0.2
+    assert config.preprocess.pipeline_options == {"temp_location": "gs://b/tmp"}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.backbon=vgg16", "unknown key 'model.backbon'; did you mean 'backbone'?"),
+        ("modle.backbone=vgg16", "unknown key 'modle'; did you mean 'model'?"),
+        ("model.backbone=mobilenetv2", "did you mean 'mobilenet_v2'?"),
+        ("model.image_size=16", "model.image_size: 16 is below the minimum of 32"),
+        ("model.image_size=big", "model.image_size: expected int, got 'big'"),
+        ("data.split.train=0.5", "must sum to 1"),
+        ("preprocess.runner=DataflowRuner", "did you mean 'DataflowRunner'?"),
+        ("preprocess.max_bad_fraction=2", "preprocess.max_bad_fraction: 2.0 must be between 0 and 1"),
+        ("preprocess.num_shards=0", "preprocess.num_shards: 0 must be between 1"),
+        ("name=My Model", "name: 'My Model' must be 1-63 lowercase"),
+        ("run_dir=", "run_dir: required"),
+        ("oops", "--set: expected key=value"),
+    ],
+)
+def test_bad_values_fail_before_work_with_the_key_named(tmp_path, override, message):
+    path = _write(tmp_path, "data: {source: /a}\nrun_dir: r\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, [override])
+    assert message in str(error.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.backbone=nope", "preprocess.jpeg_quality=0"])
+    text = str(error.value)
+    for part in ("run_dir: required", "data.source: required", "model.backbone", "jpeg_quality"):
+        assert part in text
+
+
+def test_missing_file_and_non_mapping_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(str(tmp_path / "absent.yaml"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_yaml_round_trip_is_identical(tmp_path):
+    config = load_config(None, ["data.source=/a", "run_dir=/r", "model.backbone=resnet50",
+                                "preprocess.pipeline_options={project: p}"])
+    again = load_config(_write(tmp_path, to_yaml(config)))
+    assert again == config
+    assert isinstance(again, Config)
