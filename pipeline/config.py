@@ -191,6 +191,8 @@ def _validate_preprocess(p: PreprocessConfig) -> list[str]:
 
 
 def _parse_value(raw: str) -> Any:
+    if not raw.strip():
+        return ""
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
