@@ -1,178 +1,262 @@
 """The storage edge: every file the project touches, local path or gs:// URI, goes through here.
 
-Built on Beam's ``FileSystems``, the same client Beam's pipeline I/O uses, so local paths
-and gs:// URIs behave alike (and a GCS emulator named by ``STORAGE_EMULATOR_HOST`` serves
-both in tests). Runs in the driver and on Beam workers.
+Remote URIs (``gs://`` and any other scheme Beam knows) go through Apache Beam's
+``FileSystems``, i.e. the same GCS client that Beam's pipeline I/O uses; local paths use
+``os``/``shutil`` directly so that writes can be atomic (temporary file + ``os.replace``).
+
+Directory semantics: a "prefix" names a directory. ``list_files("gs://b/run")`` lists
+objects under ``gs://b/run/`` (never ``gs://b/run2``); GCS folder placeholders (objects
+whose name ends in ``/``) are never reported as files. Remote prefixes must not contain
+glob characters (``*?[``). Local results start with the prefix exactly as it was given.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
-import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from apache_beam.io.filesystem import BeamIOError
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-_CHUNK = 8 << 20
+_CHUNK = 8 * 1024 * 1024
+_RAW = CompressionTypes.UNCOMPRESSED  # never let Beam (de)compress by file extension
 
 
 @dataclass(frozen=True)
 class FileInfo:
-    """A listed file: its full URI and size in bytes."""
+    """One file: its full URI or local path, and its size in bytes."""
 
     uri: str
     size: int
 
 
 def is_gcs(uri: str) -> bool:
-    """Whether ``uri`` names Google Cloud Storage."""
+    """Returns True when ``uri`` is a ``gs://`` URI."""
     return uri.startswith("gs://")
 
 
 def is_absolute(uri: str) -> bool:
-    """Whether ``uri`` is a URI with a scheme or an absolute local path."""
-    return "://" in uri or os.path.isabs(uri)
+    """Returns True for a URI with a scheme (``gs://...``) or an absolute local path."""
+    return not _is_local(uri) or os.path.isabs(uri)
+
+
+def _is_local(uri: str) -> bool:
+    return FileSystems.get_scheme(uri) is None
 
 
 def join(base: str, *parts: str) -> str:
-    """Joins path parts with single slashes, for local paths and URIs alike."""
-    out = base
-    for part in parts:
-        out = out.rstrip("/") + "/" + part.lstrip("/") if out else part
-    return out
+    """Joins parts onto a local path or URI: ``join("gs://b/x/", "/y/", "z") == "gs://b/x/y/z"``.
+
+    Leading, trailing and repeated slashes in ``parts`` are dropped, so there are never
+    doubled or trailing slashes.
+    """
+    segments = [s for p in parts for s in p.split("/") if s]
+    if _is_local(base):
+        return os.path.join(base, *segments) if segments else base
+    return "/".join([base.rstrip("/"), *segments])
 
 
-def _listing_prefix(prefix: str) -> str:
+def _dir(prefix: str) -> str:
+    """The prefix as a directory: ending in os.sep for local, in '/' for remote."""
+    if _is_local(prefix):
+        return os.path.join(prefix, "")
+    if any(c in prefix for c in "*?["):
+        raise ValueError(f"glob characters are not allowed in a storage prefix: {prefix}")
     return prefix.rstrip("/") + "/"
 
 
+def _remote_match(directory: str, limit: int | None = None) -> list[FileInfo]:
+    """Objects under a remote directory, placeholders included, unsorted."""
+    result = FileSystems.match([directory + "**"], limits=[limit])[0]
+    return [FileInfo(m.path, m.size_in_bytes) for m in result.metadata_list]
+
+
 def list_files(prefix: str) -> list[FileInfo]:
-    """Every file under the directory or prefix ``prefix``, recursively, sorted by URI."""
-    if not is_gcs(prefix):
-        if not os.path.isdir(prefix):
-            return []
-        found = []
-        for dirpath, _, names in os.walk(prefix):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                found.append(FileInfo(path, os.path.getsize(path)))
-        return sorted(found, key=lambda f: f.uri)
-    result = FileSystems.match([_listing_prefix(prefix) + "**"])[0]
-    found = [FileInfo(m.path, m.size_in_bytes) for m in result.metadata_list if not m.path.endswith("/")]
-    return sorted(found, key=lambda f: f.uri)
+    """Lists every file under a local directory or remote prefix, recursively.
+
+    Returns:
+        The files sorted by URI; an empty list when there are none or ``prefix`` is missing.
+    """
+    directory = _dir(prefix)
+    if _is_local(prefix):
+        files = [
+            FileInfo(path, os.path.getsize(path))
+            for root, _, names in os.walk(directory.rstrip(os.sep) or os.sep)
+            for path in (os.path.join(root, n) for n in names)
+            if os.path.isfile(path)
+        ]
+    else:
+        files = [f for f in _remote_match(directory) if not f.uri.endswith("/")]
+    return sorted(files, key=lambda f: f.uri)
 
 
 def exists(uri: str) -> bool:
-    """Whether a file exists at ``uri``, or any file lies under it as a prefix."""
-    if not is_gcs(uri):
-        return os.path.exists(uri) and (os.path.isfile(uri) or bool(list_files(uri)))
-    return FileSystems.exists(uri) or bool(list_files(uri))
+    """Returns True if ``uri`` is a file, or a directory/prefix with at least one file under it."""
+    if _is_local(uri):
+        if os.path.isfile(uri):
+            return True
+        return os.path.isdir(uri) and any(names for _, _, names in os.walk(uri))
+    if not uri.endswith("/") and FileSystems.exists(uri):
+        return True
+    first = _remote_match(_dir(uri), limit=1)
+    # When the first object found is a folder placeholder, look for a real file.
+    return bool(first) and (not first[0].uri.endswith("/") or bool(list_files(uri)))
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole content of the file at ``uri``.
-
-    Raises:
-        FileNotFoundError: naming ``uri`` when there is no such file.
-    """
+def _iter_chunks(uri: str) -> Iterator[bytes]:
+    """Streams a file's bytes; raises FileNotFoundError naming ``uri`` when it is missing."""
     try:
-        with FileSystems.open(uri, compression_type="uncompressed") as f:
-            return f.read()
-    except (BeamIOError, FileNotFoundError, OSError) as e:
-        if not FileSystems.exists(uri):
-            raise FileNotFoundError(f"no such file: {uri}") from None
-        raise OSError(f"cannot read {uri}: {e}") from e
-
-
-def read_text(uri: str) -> str:
-    """The file at ``uri`` decoded as UTF-8."""
-    return read_bytes(uri).decode("utf-8")
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    """Writes ``data`` to ``uri`` atomically: readers see the old file or the whole new one.
-
-    Local files are written under a temporary name and renamed; a GCS object only becomes
-    visible once its upload completes.
-    """
-    if is_gcs(uri):
-        with FileSystems.create(uri, compression_type="uncompressed") as f:
-            f.write(data)
-        return
-    directory = os.path.dirname(os.path.abspath(uri))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, uri)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        handle = open(uri, "rb") if _is_local(uri) else FileSystems.open(uri, compression_type=_RAW)
+        with handle:
+            while chunk := handle.read(_CHUNK):
+                yield chunk
+    except Exception as exc:
+        # GCS opens lazily and fails on the first read with google.api_core's NotFound.
+        missing = isinstance(exc, FileNotFoundError)
+        with contextlib.suppress(Exception):
+            missing = missing or (not _is_local(uri) and not FileSystems.exists(uri))
+        if missing:
+            raise FileNotFoundError(errno.ENOENT, "No such file", uri) from exc
         raise
 
 
+def read_bytes(uri: str) -> bytes:
+    """Reads a whole file.
+
+    Raises:
+        FileNotFoundError: ``uri`` does not exist (the message names it).
+    """
+    return b"".join(_iter_chunks(uri))
+
+
+def read_text(uri: str) -> str:
+    """Reads a whole file as UTF-8 text (see :func:`read_bytes`)."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def _write_chunks(uri: str, chunks: Iterable[bytes]) -> None:
+    """Writes atomically: readers see the old file or the complete new one, never a part."""
+    if not _is_local(uri):
+        # GCS commits the object on close; leaving the block with an error cancels the
+        # upload instead (BlobWriter.__exit__ -> terminate), so no partial object lands.
+        with FileSystems.create(uri, compression_type=_RAW) as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+        return
+    path = os.path.abspath(uri)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode honours umask
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Writes a whole file atomically, creating local parent directories as needed."""
+    _write_chunks(uri, [data])
+
+
 def write_text(uri: str, text: str) -> None:
-    """Writes ``text`` as UTF-8 to ``uri`` atomically."""
+    """Writes text as UTF-8, atomically (see :func:`write_bytes`)."""
     write_bytes(uri, text.encode("utf-8"))
 
 
 def delete_tree(prefix: str) -> None:
-    """Deletes the file ``prefix`` or everything under it; a missing path is fine."""
-    if not is_gcs(prefix):
+    """Deletes a file, or everything under a directory/prefix; a missing one is fine.
+
+    Raises:
+        OSError: Some remote objects could not be deleted.
+    """
+    if _is_local(prefix):
         if os.path.isdir(prefix) and not os.path.islink(prefix):
             shutil.rmtree(prefix)
         elif os.path.lexists(prefix):
-            os.unlink(prefix)
+            os.remove(prefix)
         return
-    files = [f.uri for f in list_files(prefix)]
-    if FileSystems.exists(prefix):
-        files.append(prefix)
-    if files:
-        FileSystems.delete(files)
+    directory = _dir(prefix)
+    if not prefix.endswith("/") and FileSystems.exists(prefix):
+        FileSystems.delete([prefix])
+    # Recursive delete of the prefix (placeholders too); Beam only logs its failures,
+    # so check that nothing is left.
+    FileSystems.delete([directory])
+    if _remote_match(directory, limit=1):
+        raise OSError(f"could not delete everything under {directory}")
+
+
+def _pairs(src_prefix: str, dst_prefix: str) -> list[tuple[str, str]]:
+    """(source, destination) for every file under ``src_prefix``, keeping relative paths."""
+    base = _dir(src_prefix)  # local listings start with the prefix as given, too
+    rels = [(f.uri, f.uri[len(base) :].replace(os.sep, "/")) for f in list_files(src_prefix)]
+    return [(uri, join(dst_prefix, rel)) for uri, rel in rels]
+
+
+def _same_remote(src: str, dst: str) -> bool:
+    return not _is_local(src) and FileSystems.get_scheme(src) == FileSystems.get_scheme(dst)
 
 
 def copy_tree(src_prefix: str, dst_prefix: str) -> int:
     """Copies every file under ``src_prefix`` to the same relative path under ``dst_prefix``.
 
-    Either side may be local or gs://. Returns the number of files copied.
+    Works across local paths and URIs in any combination; within one remote filesystem
+    the copy is server-side. Existing destination files are overwritten.
+
+    Returns:
+        The number of files copied (0 when ``src_prefix`` holds none).
     """
-    files = list_files(src_prefix)
-    base = _listing_prefix(src_prefix)
-    for info in files:
-        target = join(dst_prefix, info.uri[len(base):])
-        if is_gcs(src_prefix) == is_gcs(dst_prefix) and is_gcs(src_prefix):
-            FileSystems.copy([info.uri], [target])
-        elif not is_gcs(src_prefix) and not is_gcs(dst_prefix):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copyfile(info.uri, target)
-        else:
-            _stream_copy(info.uri, target)
-    return len(files)
+    pairs = _pairs(src_prefix, dst_prefix)
+    if pairs and _same_remote(src_prefix, dst_prefix):
+        FileSystems.copy([s for s, _ in pairs], [d for _, d in pairs])
+    else:
+        for src, dst in pairs:
+            _write_chunks(dst, _iter_chunks(src))
+    return len(pairs)
 
 
 def move_tree(src_prefix: str, dst_prefix: str) -> int:
-    """Moves everything under ``src_prefix`` to ``dst_prefix``; returns the number of files.
+    """Moves every file under ``src_prefix`` to the same relative path under ``dst_prefix``.
 
-    Local: one directory rename when the destination does not exist (atomic on one file
-    system). Otherwise copy, then delete the source.
+    Local to local is a single directory rename when possible (same filesystem, and the
+    destination missing or empty); otherwise, and for remote storage, the files are
+    copied and then the source is deleted, which is not atomic.
+
+    Returns:
+        The number of files moved (0 when ``src_prefix`` holds none).
+
+    Raises:
+        ValueError: ``dst_prefix`` is ``src_prefix`` or lies under it.
     """
-    if not is_gcs(src_prefix) and not is_gcs(dst_prefix) and not os.path.exists(dst_prefix):
-        count = len(list_files(src_prefix))
-        os.makedirs(os.path.dirname(os.path.abspath(dst_prefix)), exist_ok=True)
-        os.rename(src_prefix, dst_prefix)
-        return count
-    count = copy_tree(src_prefix, dst_prefix)
+    both_local = _is_local(src_prefix) and _is_local(dst_prefix)
+    if both_local or _same_remote(src_prefix, dst_prefix):
+        norm = (lambda p: _dir(os.path.abspath(p))) if both_local else _dir
+        if norm(dst_prefix).startswith(norm(src_prefix)):
+            raise ValueError(f"cannot move {src_prefix} into itself ({dst_prefix})")
+    pairs = _pairs(src_prefix, dst_prefix)
+    if not pairs:
+        return 0
+    if both_local:
+        dst = os.path.abspath(dst_prefix)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.rename(os.path.abspath(src_prefix), dst)
+            return len(pairs)
+    if _same_remote(src_prefix, dst_prefix):
+        FileSystems.rename([s for s, _ in pairs], [d for _, d in pairs])  # copy, then delete
+        return len(pairs)
+    copy_tree(src_prefix, dst_prefix)
     delete_tree(src_prefix)
-    return count
-
-
-def _stream_copy(src: str, dst: str) -> None:
-    if not is_gcs(dst):
-        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    with FileSystems.open(src, compression_type="uncompressed") as reader:
-        with FileSystems.create(dst, compression_type="uncompressed") as writer:
-            while chunk := reader.read(_CHUNK):
-                writer.write(chunk)
+    return len(pairs)

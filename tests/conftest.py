@@ -54,15 +54,19 @@ def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulat
     Beam's GcsIO always asks ``google.auth.default()`` for credentials first and, when
     none exist, retries with exponential backoff (about 25 s) before going anonymous.
     We point ``GOOGLE_APPLICATION_CREDENTIALS`` at an ``authorized_user`` file holding a
-    static, never-expiring dummy token: resolution is instant, nothing is ever refreshed
-    (so no request leaves the machine) and the emulator ignores the Authorization header.
-    Real credentials on the developer's machine are never picked up.
+    dummy token with an explicit far-future ``expiry`` (without one, google-auth treats
+    the token as already expired and refreshes it at oauth2.googleapis.com before every
+    request): resolution is instant, nothing is ever refreshed, no request leaves the
+    machine, and the emulator ignores the Authorization header. Real credentials on the
+    developer's machine are never picked up, as long as nothing in the process built a
+    Beam GcsIO before this fixture ran (Beam caches the credentials it finds per process).
     """
     from gcp_storage_emulator.server import create_server
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)  # per-request chatter
+    logging.getLogger("api").setLevel(logging.WARNING)
     adc = tmp_path_factory.mktemp("gcs-emulator") / "dummy-adc.json"
     adc.write_text(
         json.dumps(
@@ -72,6 +76,7 @@ def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulat
                 "client_secret": "emulator",
                 "refresh_token": "emulator",
                 "token": "emulator-dummy-token",
+                "expiry": "2999-01-01T00:00:00Z",
             }
         )
     )

@@ -1,23 +1,27 @@
 """The tf.Transform analysis: label vocabulary and per-channel image statistics.
 
 ``preprocessing_fn`` is a pure dict -> dict function; Beam only runs it. It is analysed on
-the train split alone (so the vocabulary and statistics never see eval or test data) and
-applied to every split. Its graph, written as ``transform_fn/``, is what later stages attach
-to the serving model to map class ids back to names.
+the train split alone (so the vocabulary and statistics never see eval or test data). Its
+graph, written as ``transform_fn/``, is what later stages attach to the serving model: it
+maps a label to its class id (the vocabulary asset ``transform_fn/assets/label`` maps ids
+back to names) and carries the pixel statistics as constants.
+
+Image bytes never enter the graph: the analysis needs only the label and the per-image
+channel moments that ``DecodeAndValidate`` computed, which keeps the analysis cheap.
 """
 
 from __future__ import annotations
+
+import math
 
 import tensorflow as tf
 import tensorflow_transform as tft
 
 from components.preprocess.schema import LABEL_VOCABULARY
 
-# The raw features handed to tf.Transform (built by DecodeAndValidate).
+# The raw features handed to tf.Transform (from DecodeAndValidate).
 RAW_FEATURE_SPEC = {
-    "image": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.string),
-    "uri": tf.io.FixedLenFeature([], tf.string),
     "pixel_mean": tf.io.FixedLenFeature([3], tf.float32),
     "pixel_sq_mean": tf.io.FixedLenFeature([3], tf.float32),
 }
@@ -25,12 +29,11 @@ UNKNOWN_LABEL = -1
 
 
 def preprocessing_fn(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """Maps raw features to the record features plus the dataset statistics.
+    """Maps raw features to the class id plus the dataset statistics.
 
     Outputs:
-        image, uri, label_name: passed through unchanged.
-        label: index into the vocabulary (most frequent first); -1 for a label absent from
-            the analysed (train) data.
+        label: index into the vocabulary (most frequent first, ties in reverse byte order);
+            -1 for a label absent from the analysed (train) data.
         image_mean, image_std: the per-channel pixel mean and standard deviation (0-255) of
             the analysed images, the same for every row. Exact: every image has the same
             size, so the mean of per-image means is the mean over all pixels.
@@ -43,10 +46,27 @@ def preprocessing_fn(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     std = tf.sqrt(tf.maximum(sq_mean - tf.square(mean), 0.0))
     rows = tf.shape(inputs["label"])[0]
     return {
-        "image": inputs["image"],
-        "uri": inputs["uri"],
-        "label_name": inputs["label"],
         "label": label,
         "image_mean": tf.broadcast_to(tf.reshape(mean, [1, 3]), [rows, 3]),
         "image_std": tf.broadcast_to(tf.reshape(std, [1, 3]), [rows, 3]),
     }
+
+
+def image_statistics(transform_output_dir: str) -> dict[str, list[float]] | None:
+    """Reads the pixel statistics baked into a written transform graph.
+
+    Args:
+        transform_output_dir: The directory holding ``transform_fn/`` (TF file system path).
+
+    Returns:
+        ``{"mean": [r, g, b], "std": [r, g, b]}``, or None when no image was analysed.
+    """
+    output = tft.TFTransformOutput(transform_output_dir)
+    probe = {
+        "label": tf.constant([""]),
+        "pixel_mean": tf.zeros([1, 3]),
+        "pixel_sq_mean": tf.zeros([1, 3]),
+    }
+    features = output.transform_raw_features(probe)
+    stats = {key: [float(v) for v in features[f"image_{key}"][0].numpy()] for key in ("mean", "std")}
+    return stats if all(math.isfinite(v) for vs in stats.values() for v in vs) else None

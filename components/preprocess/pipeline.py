@@ -64,10 +64,6 @@ def _raw(example: dict[str, Any]) -> dict[str, Any]:
     return {k: example[k] for k in analysis.RAW_FEATURE_SPEC}
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def build(p: beam.Pipeline, plan: Plan) -> None:
     """Adds the whole preprocessing graph to ``p``; must run inside a ``tft_beam.Context``."""
     read = (
@@ -91,25 +87,25 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
     metadata = dataset_metadata.DatasetMetadata(
         schema_utils.schema_from_feature_spec(analysis.RAW_FEATURE_SPEC)
     )
-    raw = {s: by_split[s] | f"ToRaw[{s}]" >> beam.Map(_raw) for s in SPLITS}
-    transform_fn = (raw["train"], metadata) | "AnalyzeDataset" >> tft_beam.AnalyzeDataset(
+    analysed = by_split["train"] | "ToRaw" >> beam.Map(_raw)
+    transform_fn = (analysed, metadata) | "AnalyzeDataset" >> tft_beam.AnalyzeDataset(
         analysis.preprocessing_fn
     )
     _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(plan.transform_fn_dir)
+    saved_model_dir, _ = transform_fn
+    vocabulary = beam.pvalue.AsSingleton(saved_model_dir | "ReadVocabulary" >> beam.Map(_read_vocabulary))
 
     dead_letters = [read[transforms.DEAD_LETTER], decoded[transforms.DEAD_LETTER]]
     facts = []
-    stats = None
     for s in SPLITS:
-        transformed, _ = ((raw[s], metadata), transform_fn) | f"Transform[{s}]" >> tft_beam.TransformDataset()
-        known, unknown = transformed | f"CheckLabels[{s}]" >> beam.Partition(
-            lambda row, n: int(row["label"] == analysis.UNKNOWN_LABEL), 2
+        labelled = by_split[s] | f"ApplyVocabulary[{s}]" >> beam.ParDo(_ApplyVocabularyFn(), vocabulary).with_outputs(
+            transforms.DEAD_LETTER, main="known"
         )
-        dead_letters.append(unknown | f"UnknownLabels[{s}]" >> beam.Map(_unknown_label, s))
+        dead_letters.append(labelled[transforms.DEAD_LETTER])
         _ = (
-            known
+            labelled.known
             | f"Encode[{s}]" >> beam.Map(
-                lambda r: schema.encode_example(r["image"], r["label"], _text(r["label_name"]), _text(r["uri"]))
+                lambda ex: schema.encode_example(ex["image"], ex["label_id"], ex["label"], ex["uri"])
             )
             | f"WriteTFRecords[{s}]" >> beam.io.WriteToTFRecord(
                 storage.join(plan.output_dir, s, "data"),
@@ -117,12 +113,7 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
                 num_shards=plan.num_shards,
             )
         )
-        facts.append(known | f"CountRecords[{s}]" >> beam.Map(lambda r, s=s: ("record", s, _text(r["label_name"]))))
-        if s == "train":
-            stats = known | "ImageStats" >> beam.combiners.Sample.FixedSizeGlobally(1) | beam.FlatMap(
-                lambda rows: [{"mean": [float(v) for v in r["image_mean"]],
-                               "std": [float(v) for v in r["image_std"]]} for r in rows]
-            )
+        facts.append(labelled.known | f"CountRecords[{s}]" >> beam.Map(lambda ex: ("record", ex["split"], ex["label"])))
 
     all_dead = dead_letters | "FlattenDeadLetters" >> beam.Flatten()
     _write_jsonl(all_dead, storage.join(plan.output_dir, "dead_letter.jsonl"), "WriteDeadLetters")
@@ -139,21 +130,38 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
         | "FlattenFacts" >> beam.Flatten()
         | "CountFacts" >> beam.combiners.Count.PerElement()
         | "CollectFacts" >> beam.combiners.ToList()
-        | "Summarize" >> beam.Map(
-            _summarize, stats=beam.pvalue.AsList(stats), leakage=beam.pvalue.AsSingleton(leakage)
-        )
+        | "Summarize" >> beam.Map(_summarize, leakage=beam.pvalue.AsSingleton(leakage))
         | "WriteCounts" >> beam.io.WriteToText(
             storage.join(plan.output_dir, "counts.json"), shard_name_template="", num_shards=1
         )
     )
 
 
-def _unknown_label(row: dict[str, Any], split: str) -> dict[str, Any]:
-    record = {"uri": _text(row["uri"]), "label": _text(row["label_name"]), "split": split}
-    return transforms.dead_letter(
-        record, "ApplyVocabulary", "label_not_in_train",
-        f"label '{record['label']}' appears in {split} but in no train image",
-    )
+def _read_vocabulary(saved_model_dir: str) -> list[str]:
+    """The label vocabulary the analysis wrote, in class-id order (one read per pipeline)."""
+    uri = storage.join(saved_model_dir, "assets", schema.LABEL_VOCABULARY)
+    return storage.read_text(uri).splitlines()
+
+
+class _ApplyVocabularyFn(beam.DoFn):
+    """Adds ``label_id`` from the train vocabulary; on every worker. A label that no train
+    image has becomes a dead letter: the model could never predict it."""
+
+    def __init__(self):
+        self._ids: dict[str, int] = {}
+        self._source: list[str] | None = None
+
+    def process(self, example: dict[str, Any], vocabulary: list[str]):
+        if vocabulary is not self._source:
+            self._ids, self._source = {name: i for i, name in enumerate(vocabulary)}, vocabulary
+        label_id = self._ids.get(example["label"], analysis.UNKNOWN_LABEL)
+        if label_id == analysis.UNKNOWN_LABEL:
+            yield beam.pvalue.TaggedOutput(transforms.DEAD_LETTER, transforms.dead_letter(
+                example, "ApplyVocabulary", "label_not_in_train",
+                f"label '{example['label']}' appears in {example['split']} but in no train image",
+            ))
+            return
+        yield {**example, "label_id": label_id}
 
 
 def _duplicate_facts(dup: dict[str, Any]):
@@ -172,7 +180,7 @@ def _write_jsonl(pcoll, path: str, name: str) -> None:
     )
 
 
-def _summarize(counted: list, stats: list, leakage: list) -> str:
+def _summarize(counted: list, leakage: list) -> str:
     """Folds the counted facts into the pipeline's part of summary.json (one JSON line)."""
     records = {s: 0 for s in SPLITS}
     per_class: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
@@ -198,5 +206,4 @@ def _summarize(counted: list, stats: list, leakage: list) -> str:
                 key=lambda d: d["uri"],
             ),
         },
-        "image_stats": stats[0] if stats else None,
     }, sort_keys=True)

@@ -20,8 +20,8 @@ import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from components.preprocess import analysis, schema
 from components.preprocess import pipeline as graph
-from components.preprocess import schema
 from components.preprocess.splits import SPLITS
 from components.preprocess.sources import discover
 from pipeline import storage
@@ -102,10 +102,12 @@ def run(config: Config) -> dict[str, Any]:
         with tft_beam.Context(temp_dir=tft_temp, force_tf_compat_v1=False):
             with beam.Pipeline(runner=_runner(config), options=options) as p:
                 graph.build(p, plan)
+        image_stats = analysis.image_statistics(transform_dir)
         if local_graph:
             storage.copy_tree(transform_dir, staging)
         storage.delete_tree(storage.join(staging, "tmp"))
         summary = _summary(config, listing.layout, total, size, staging, time.time() - started)
+        summary["image_stats"] = image_stats
         storage.write_text(storage.join(staging, "config.yaml"), to_yaml(config))
         problem = _problem(config, summary)
         if problem:
