@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF")
 
@@ -90,16 +90,29 @@ def process_image(data: bytes, size: int, min_size: int = 1, quality: int = 95) 
         rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(CORRUPT_IMAGE, f"{source_format} data cannot be decoded: {e}") from None
-    stat = ImageStat.Stat(rgb)  # from the histogram, in C: exact and cheap
+    mean, sq_mean = _channel_moments(rgb)
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=quality)
     return ProcessedImage(
         encoded=out.getvalue(),
         source_format=source_format,
         source_size=(width, height),
-        pixel_mean=tuple(float(v) for v in stat.mean),
-        pixel_sq_mean=tuple(float(v) / stat.count[0] for v in stat.sum2),
+        pixel_mean=mean,
+        pixel_sq_mean=sq_mean,
     )
+
+
+_LEVELS = np.arange(256, dtype=np.float64)
+
+
+def _channel_moments(rgb: Image.Image) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel E[x] and E[x^2] from the 8-bit histogram (exact, and ~50x cheaper than
+    converting the pixels to floats)."""
+    histogram = np.asarray(rgb.histogram(), dtype=np.float64).reshape(3, 256)
+    count = histogram[0].sum()
+    mean = histogram @ _LEVELS / count
+    sq_mean = histogram @ np.square(_LEVELS) / count
+    return tuple(float(v) for v in mean), tuple(float(v) for v in sq_mean)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
