@@ -35,9 +35,7 @@ from pipeline.config import load_config  # noqa: E402
 
 def make_dataset(sample: str, out: str, count: int) -> list[str]:
     """Copies class folders of ``sample`` into ``out`` until there are ``count`` files."""
-    originals = sorted(
-        os.path.join(dirpath, name) for dirpath, _, names in os.walk(sample) for name in names
-    )
+    originals = sorted(os.path.join(dirpath, name) for dirpath, _, names in os.walk(sample) for name in names)
     if not originals:
         raise SystemExit(f"no images under {sample}")
     paths = []
@@ -65,10 +63,16 @@ def plain_loop(paths: list[str], size: int, quality: int) -> float:
 
 
 def pipeline_seconds(source: str, run_dir: str, size: int, workers: int) -> float:
-    config = load_config(None, [
-        f"data.source={source}", f"run_dir={run_dir}", f"model.image_size={size}",
-        f"preprocess.num_workers={workers}", "data.split={train: 0.8, eval: 0.1, test: 0.1}",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data.source={source}",
+            f"run_dir={run_dir}",
+            f"model.image_size={size}",
+            f"preprocess.num_workers={workers}",
+            "data.split={train: 0.8, eval: 0.1, test: 0.1}",
+        ],
+    )
     started = time.perf_counter()
     summary = stage.run(config)
     seconds = time.perf_counter() - started
@@ -77,7 +81,9 @@ def pipeline_seconds(source: str, run_dir: str, size: int, workers: int) -> floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="folder of class folders of full-size JPEGs")
     parser.add_argument("--min-images", type=int, default=2160)
     parser.add_argument("--startup-images", type=int, default=30)
@@ -98,10 +104,12 @@ def main() -> None:
             "plain_loop_images_per_second": round(len(big) / plain, 1),
         }
         for workers in (1, 2):
-            startup = pipeline_seconds(os.path.join(work, "small"), os.path.join(work, "runs", f"s{workers}"),
-                                       args.size, workers)
-            total = pipeline_seconds(os.path.join(work, "big"), os.path.join(work, "runs", f"b{workers}"),
-                                     args.size, workers)
+            startup = pipeline_seconds(
+                os.path.join(work, "small"), os.path.join(work, "runs", f"s{workers}"), args.size, workers
+            )
+            total = pipeline_seconds(
+                os.path.join(work, "big"), os.path.join(work, "runs", f"b{workers}"), args.size, workers
+            )
             steady = (len(big) - args.startup_images) / max(total - startup, 1e-9)
             result[f"workers_{workers}"] = {
                 "startup_seconds": round(startup, 2),
@@ -111,8 +119,11 @@ def main() -> None:
             }
         w1, w2 = result["workers_1"], result["workers_2"]
         result["pipeline_per_core_vs_plain"] = round(
-            w1["steady_images_per_second"] / result["plain_loop_images_per_second"], 3)
-        result["two_workers_vs_one"] = round(w2["steady_images_per_second"] / w1["steady_images_per_second"], 3)
+            w1["steady_images_per_second"] / result["plain_loop_images_per_second"], 3
+        )
+        result["two_workers_vs_one"] = round(
+            w2["steady_images_per_second"] / w1["steady_images_per_second"], 3
+        )
         result["targets"] = {
             "pipeline_per_core_vs_plain >= 0.7": result["pipeline_per_core_vs_plain"] >= 0.7,
             "two_workers_vs_one >= 1.6": result["two_workers_vs_one"] >= 1.6,

@@ -29,7 +29,11 @@ def _config_args() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--config", metavar="FILE", help="YAML configuration file (local or gs://)")
     parent.add_argument(
-        "--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
         help="override one key, e.g. --set model.image_size=128 (repeatable; values are YAML)",
     )
     parent.add_argument("-v", "--verbose", action="store_true", help="show Beam and TensorFlow logs")
@@ -51,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _config_args()
     sub.add_parser(
-        "preprocess", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "preprocess",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="images -> validated, deduplicated, split TFRecords + transform graph",
         description=(
             "Read labelled images (class folders, split folders or a CSV/JSONL manifest; local "
@@ -62,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub.add_parser(
-        "config", parents=[common],
+        "config",
+        parents=[common],
         help="print the resolved configuration (defaults + file + overrides) as YAML",
         description="Load, validate and print the configuration without running anything.",
     )

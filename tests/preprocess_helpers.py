@@ -21,8 +21,16 @@ SHARED = os.environ.get("FINETUNE_DATASETS") or os.path.join(
 
 def config_for(source: str, run_dir: str, *overrides: str):
     """A config with test-friendly defaults: small images, one local worker."""
-    return load_config(None, [f"data.source={source}", f"run_dir={run_dir}", "model.image_size=64",
-                              "preprocess.num_workers=1", *overrides])
+    return load_config(
+        None,
+        [
+            f"data.source={source}",
+            f"run_dir={run_dir}",
+            "model.image_size=64",
+            "preprocess.num_workers=1",
+            *overrides,
+        ],
+    )
 
 
 def run_stage(source: str, run_dir: str, *overrides: str) -> dict:
@@ -50,12 +58,14 @@ def read_records(run_dir: str, split: str) -> list[dict]:
             local.append(path)
         for serialized in tf.data.TFRecordDataset(local):
             parsed = parse_example(serialized)
-            records.append({
-                "image": parsed["image"].numpy(),
-                "label": int(parsed["label"]),
-                "label_name": parsed["label_name"].numpy().decode(),
-                "uri": parsed["uri"].numpy().decode(),
-            })
+            records.append(
+                {
+                    "image": parsed["image"].numpy(),
+                    "label": int(parsed["label"]),
+                    "label_name": parsed["label_name"].numpy().decode(),
+                    "uri": parsed["uri"].numpy().decode(),
+                }
+            )
     return records
 
 

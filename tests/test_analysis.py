@@ -10,16 +10,25 @@ from components.preprocess.analysis import RAW_FEATURE_SPEC, UNKNOWN_LABEL, imag
 
 
 def _row(label, mean, sq):
-    return {"label": label, "pixel_mean": np.array(mean, np.float32), "pixel_sq_mean": np.array(sq, np.float32)}
+    return {
+        "label": label,
+        "pixel_mean": np.array(mean, np.float32),
+        "pixel_sq_mean": np.array(sq, np.float32),
+    }
 
 
 def test_vocabulary_and_channel_statistics(tmp_path):
-    train = [_row("cat", [10, 20, 30], [200, 500, 1000]), _row("dog", [30, 40, 50], [1000, 1700, 2600]),
-             _row("cat", [20, 30, 40], [500, 1000, 1700])]
+    train = [
+        _row("cat", [10, 20, 30], [200, 500, 1000]),
+        _row("dog", [30, 40, 50], [1000, 1700, 2600]),
+        _row("cat", [20, 30, 40], [500, 1000, 1700]),
+    ]
     metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(RAW_FEATURE_SPEC))
     out = str(tmp_path / "out")
     with tft_beam.Context(temp_dir=str(tmp_path / "tmp"), force_tf_compat_v1=False):
-        (transformed, _), transform_fn = (train, metadata) | tft_beam.AnalyzeAndTransformDataset(preprocessing_fn)
+        (transformed, _), transform_fn = (train, metadata) | tft_beam.AnalyzeAndTransformDataset(
+            preprocessing_fn
+        )
         test = [_row("bird", [0, 0, 0], [0, 0, 0]), _row("dog", [0, 0, 0], [0, 0, 0])]
         test_out, _ = ((test, metadata), transform_fn) | tft_beam.TransformDataset()
         _ = transform_fn | tft_beam.WriteTransformFn(out)

@@ -31,7 +31,9 @@ def test_config_prints_the_resolved_tree(tmp_path, capsys):
 
 
 def test_bad_config_exits_2_before_any_work(tmp_path, capsys):
-    (tmp_path / "c.yaml").write_text(f"data: {{source: {tmp_path}}}\nrun_dir: {tmp_path / 'run'}\nmodel: {{backbone: resnet5}}\n")
+    (tmp_path / "c.yaml").write_text(
+        f"data: {{source: {tmp_path}}}\nrun_dir: {tmp_path / 'run'}\nmodel: {{backbone: resnet5}}\n"
+    )
     assert main(["preprocess", "--config", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err
     assert "model.backbone: unknown backbone 'resnet5'; did you mean 'resnet50'?" in err
@@ -44,13 +46,29 @@ def test_preprocess_with_only_source_and_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     (tmp_path / "c.yaml").write_text(f"data: {{source: {source}}}\nrun_dir: {run_dir}\n")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    result = subprocess.run([*FINETUNE, "preprocess", "--config", str(tmp_path / "c.yaml"),
-                             "--set", "preprocess.num_workers=1"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [*FINETUNE, "preprocess", "--config", str(tmp_path / "c.yaml"), "--set", "preprocess.num_workers=1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 1, result.stderr  # the fixture is mostly bad input
     assert "inputs were bad" in result.stderr and "dead_letter.jsonl" in result.stderr
-    result = subprocess.run([*FINETUNE, "preprocess", "--config", str(tmp_path / "c.yaml"),
-                             "--set", "preprocess.max_bad_fraction=0.9", "--set", "preprocess.num_workers=1"],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [
+            *FINETUNE,
+            "preprocess",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--set",
+            "preprocess.max_bad_fraction=0.9",
+            "--set",
+            "preprocess.num_workers=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert "[preprocess] ok: records" in result.stdout
     summary = json.loads((run_dir / "preprocess" / "summary.json").read_text())

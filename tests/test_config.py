@@ -24,8 +24,14 @@ def test_minimal_config_gets_defaults(tmp_path):
 
 def test_overrides_apply_after_the_file_and_parse_yaml_values(tmp_path):
     path = _write(tmp_path, "data: {source: /a}\nrun_dir: r\nmodel: {image_size: 160}\n")
-    config = load_config(path, ["model.image_size=96", "data.split={train: 0.7, eval: 0.2, test: 0.1}",
-                                "preprocess.pipeline_options.temp_location=gs://b/tmp"])
+    config = load_config(
+        path,
+        [
+            "model.image_size=96",
+            "data.split={train: 0.7, eval: 0.2, test: 0.1}",
+            "preprocess.pipeline_options.temp_location=gs://b/tmp",
+        ],
+    )
     assert config.model.image_size == 96
     assert config.data.split.eval == 0.2
     assert config.preprocess.pipeline_options == {"temp_location": "gs://b/tmp"}
@@ -71,8 +77,15 @@ def test_missing_file_and_non_mapping_are_clear(tmp_path):
 
 
 def test_yaml_round_trip_is_identical(tmp_path):
-    config = load_config(None, ["data.source=/a", "run_dir=/r", "model.backbone=resnet50",
-                                "preprocess.pipeline_options={project: p}"])
+    config = load_config(
+        None,
+        [
+            "data.source=/a",
+            "run_dir=/r",
+            "model.backbone=resnet50",
+            "preprocess.pipeline_options={project: p}",
+        ],
+    )
     again = load_config(_write(tmp_path, to_yaml(config)))
     assert again == config
     assert isinstance(again, Config)

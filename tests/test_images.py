@@ -33,11 +33,17 @@ def test_every_valid_odd_file_becomes_a_square_rgb_jpeg(fixtures):
         assert _decode(result.encoded).shape == (64, 64, 3), rel
 
 
-@pytest.mark.parametrize("rel, reason", [
-    ("beta/empty.jpg", "empty_file"), ("beta/truncated.jpg", "corrupt_image"),
-    ("beta/garbage.png", "not_an_image"), ("beta/notes.jpg", "not_an_image"),
-    ("beta/tiny.png", "too_small"), ("beta/scan.tiff", "unsupported_format"),
-])
+@pytest.mark.parametrize(
+    "rel, reason",
+    [
+        ("beta/empty.jpg", "empty_file"),
+        ("beta/truncated.jpg", "corrupt_image"),
+        ("beta/garbage.png", "not_an_image"),
+        ("beta/notes.jpg", "not_an_image"),
+        ("beta/tiny.png", "too_small"),
+        ("beta/scan.tiff", "unsupported_format"),
+    ],
+)
 def test_bad_files_raise_their_reason(fixtures, rel, reason):
     root, expected = fixtures
     assert expected[rel] == reason

@@ -43,11 +43,20 @@ def test_gcs_source_and_run_dir_on_two_workers(tmp_path, gcs_prefix):
     assert vocabulary == summary["classes"] and sorted(vocabulary) == ["alpha", "beta"]
     assert storage.exists(out(run_dir, "transform_fn", "saved_model.pb"))
     # Only the published outputs remain: no staging prefix, no Beam temporary files.
-    leftovers = {f.uri[len(run_dir) + 1:].split("/")[0] for f in storage.list_files(run_dir)}
+    leftovers = {f.uri[len(run_dir) + 1 :].split("/")[0] for f in storage.list_files(run_dir)}
     assert leftovers == {"preprocess"}
-    top = {f.uri[len(out(run_dir)) + 1:].split("/")[0] for f in storage.list_files(out(run_dir))}
-    assert top == {"train", "eval", "test", "transform_fn", "transformed_metadata", "dead_letter.jsonl",
-                   "duplicates.jsonl", "summary.json", "config.yaml"}
+    top = {f.uri[len(out(run_dir)) + 1 :].split("/")[0] for f in storage.list_files(out(run_dir))}
+    assert top == {
+        "train",
+        "eval",
+        "test",
+        "transform_fn",
+        "transformed_metadata",
+        "dead_letter.jsonl",
+        "duplicates.jsonl",
+        "summary.json",
+        "config.yaml",
+    }
 
 
 def test_gcs_manifest_with_relative_uris(tmp_path, gcs_prefix):

@@ -37,7 +37,10 @@ def test_every_input_ends_in_a_record_a_dead_letter_or_the_duplicates(odd_run):
     valid = {rel for rel, reason in expected.items() if reason is None}
     assert len(dups) == 1
     dropped = os.path.relpath(dups[0]["uri"], source)
-    assert {dropped, os.path.relpath(dups[0]["duplicate_of"], source)} == {"alpha/rgb.jpg", "beta/same_as_rgb.jpg"}
+    assert {dropped, os.path.relpath(dups[0]["duplicate_of"], source)} == {
+        "alpha/rgb.jpg",
+        "beta/same_as_rgb.jpg",
+    }
     assert dups[0]["conflicting_label"] is True
     assert recorded | {dropped} == valid | {"beta/same_as_rgb.jpg"}
     assert {rel: d["reason"] for rel, d in dead.items()} == {
@@ -47,7 +50,11 @@ def test_every_input_ends_in_a_record_a_dead_letter_or_the_duplicates(odd_run):
     assert summary["inputs"] == len(expected) + 1
     assert sum(summary["records"].values()) + summary["dead_letter"]["count"] + 1 == summary["inputs"]
     assert summary["dead_letter"]["by_reason"]["not_an_image"] == 2
-    assert summary["duplicates"] == {"count": 1, "cross_split": dups[0]["cross_split"], "conflicting_label": 1}
+    assert summary["duplicates"] == {
+        "count": 1,
+        "cross_split": dups[0]["cross_split"],
+        "conflicting_label": 1,
+    }
 
 
 def test_records_decode_to_the_configured_size_with_orientation_applied(odd_run):
@@ -68,14 +75,31 @@ def test_outputs_are_complete_and_leave_no_temporary_files(odd_run):
     _, _, run_dir, summary = odd_run
     assert sorted(os.listdir(run_dir)) == ["preprocess"]
     names = set(os.listdir(out(run_dir)))
-    assert names == {"train", "eval", "test", "transform_fn", "transformed_metadata", "dead_letter.jsonl",
-                     "duplicates.jsonl", "summary.json", "config.yaml"}
+    assert names == {
+        "train",
+        "eval",
+        "test",
+        "transform_fn",
+        "transformed_metadata",
+        "dead_letter.jsonl",
+        "duplicates.jsonl",
+        "summary.json",
+        "config.yaml",
+    }
     for split in ("train", "eval", "test"):
         assert len(os.listdir(out(run_dir, split))) == 4
     with open(out(run_dir, "summary.json")) as f:
         assert json.load(f) == summary
-    for key in ("records", "classes", "per_class", "dead_letter", "duplicates", "leakage", "seconds",
-                "images_per_second"):
+    for key in (
+        "records",
+        "classes",
+        "per_class",
+        "dead_letter",
+        "duplicates",
+        "leakage",
+        "seconds",
+        "images_per_second",
+    ):
         assert key in summary
     assert len(summary["image_stats"]["mean"]) == 3
 
@@ -130,7 +154,9 @@ def test_csv_and_jsonl_manifests(tmp_path):
     images = tmp_path / "images"
     for i in range(12):
         _jpeg(str(images / f"{i}.jpg"), 300 + i)
-    rows = [f"images/{i}.jpg,{'red' if i < 6 else 'blue'},{'test' if i in (0, 6) else 'train'}" for i in range(12)]
+    rows = [
+        f"images/{i}.jpg,{'red' if i < 6 else 'blue'},{'test' if i in (0, 6) else 'train'}" for i in range(12)
+    ]
     rows += ["images/missing.jpg,red,train", "images/1.jpg,,train", "images/2.jpg,red,holdout"]
     (tmp_path / "m.csv").write_text("uri,label,split\n" + "\n".join(rows) + "\n")
     summary = run_stage(str(tmp_path / "m.csv"), str(tmp_path / "run_csv"), "preprocess.max_bad_fraction=0.5")
@@ -141,7 +167,9 @@ def test_csv_and_jsonl_manifests(tmp_path):
 
     lines = [json.dumps({"uri": str(images / f"{i}.jpg"), "label": "x" if i % 3 else "y"}) for i in range(12)]
     (tmp_path / "m.jsonl").write_text("\n".join(lines + ["{not json"]) + "\n")
-    summary = run_stage(str(tmp_path / "m.jsonl"), str(tmp_path / "run_jsonl"), "preprocess.max_bad_fraction=0.5")
+    summary = run_stage(
+        str(tmp_path / "m.jsonl"), str(tmp_path / "run_jsonl"), "preprocess.max_bad_fraction=0.5"
+    )
     assert sum(summary["records"].values()) == 12
     assert summary["dead_letter"]["by_reason"] == {"bad_manifest_row": 1}
 

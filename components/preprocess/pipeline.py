@@ -82,7 +82,7 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
         | "AssignSplits" >> transforms.AssignSplits(train_f, eval_f, test_f, plan.source_has_eval)
         | "Deduplicate" >> transforms.Deduplicate()
     )
-    by_split = dict(zip(SPLITS, deduped.examples | "SplitBy" >> transforms.SplitBy()))
+    by_split = dict(zip(SPLITS, deduped.examples | "SplitBy" >> transforms.SplitBy(), strict=True))
 
     metadata = dataset_metadata.DatasetMetadata(
         schema_utils.schema_from_feature_spec(analysis.RAW_FEATURE_SPEC)
@@ -98,22 +98,24 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
     dead_letters = [read[transforms.DEAD_LETTER], decoded[transforms.DEAD_LETTER]]
     facts = []
     for s in SPLITS:
-        labelled = by_split[s] | f"ApplyVocabulary[{s}]" >> beam.ParDo(_ApplyVocabularyFn(), vocabulary).with_outputs(
-            transforms.DEAD_LETTER, main="known"
-        )
+        labelled = by_split[s] | f"ApplyVocabulary[{s}]" >> beam.ParDo(
+            _ApplyVocabularyFn(), vocabulary
+        ).with_outputs(transforms.DEAD_LETTER, main="known")
         dead_letters.append(labelled[transforms.DEAD_LETTER])
         _ = (
             labelled.known
-            | f"Encode[{s}]" >> beam.Map(
-                lambda ex: schema.encode_example(ex["image"], ex["label_id"], ex["label"], ex["uri"])
-            )
-            | f"WriteTFRecords[{s}]" >> beam.io.WriteToTFRecord(
+            | f"Encode[{s}]"
+            >> beam.Map(lambda ex: schema.encode_example(ex["image"], ex["label_id"], ex["label"], ex["uri"]))
+            | f"WriteTFRecords[{s}]"
+            >> beam.io.WriteToTFRecord(
                 storage.join(plan.output_dir, s, "data"),
                 file_name_suffix=schema.TFRECORD_SUFFIX,
                 num_shards=plan.num_shards,
             )
         )
-        facts.append(labelled.known | f"CountRecords[{s}]" >> beam.Map(lambda ex: ("record", ex["split"], ex["label"])))
+        facts.append(
+            labelled.known | f"CountRecords[{s}]" >> beam.Map(lambda ex: ("record", ex["split"], ex["label"]))
+        )
 
     all_dead = dead_letters | "FlattenDeadLetters" >> beam.Flatten()
     _write_jsonl(all_dead, storage.join(plan.output_dir, "dead_letter.jsonl"), "WriteDeadLetters")
@@ -131,7 +133,8 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
         | "CountFacts" >> beam.combiners.Count.PerElement()
         | "CollectFacts" >> beam.combiners.ToList()
         | "Summarize" >> beam.Map(_summarize, leakage=beam.pvalue.AsSingleton(leakage))
-        | "WriteCounts" >> beam.io.WriteToText(
+        | "WriteCounts"
+        >> beam.io.WriteToText(
             storage.join(plan.output_dir, "counts.json"), shard_name_template="", num_shards=1
         )
     )
@@ -156,10 +159,15 @@ class _ApplyVocabularyFn(beam.DoFn):
             self._ids, self._source = {name: i for i, name in enumerate(vocabulary)}, vocabulary
         label_id = self._ids.get(example["label"], analysis.UNKNOWN_LABEL)
         if label_id == analysis.UNKNOWN_LABEL:
-            yield beam.pvalue.TaggedOutput(transforms.DEAD_LETTER, transforms.dead_letter(
-                example, "ApplyVocabulary", "label_not_in_train",
-                f"label '{example['label']}' appears in {example['split']} but in no train image",
-            ))
+            yield beam.pvalue.TaggedOutput(
+                transforms.DEAD_LETTER,
+                transforms.dead_letter(
+                    example,
+                    "ApplyVocabulary",
+                    "label_not_in_train",
+                    f"label '{example['label']}' appears in {example['split']} but in no train image",
+                ),
+            )
             return
         yield {**example, "label_id": label_id}
 
@@ -194,16 +202,19 @@ def _summarize(counted: list, leakage: list) -> str:
             by_reason[fact[1]] = n
         else:
             duplicates[fact[1]] = n
-    return json.dumps({
-        "records": records,
-        "per_class": {s: dict(sorted(c.items())) for s, c in per_class.items()},
-        "dead_letter": {"count": sum(by_reason.values()), "by_reason": dict(sorted(by_reason.items()))},
-        "duplicates": duplicates,
-        "leakage": {
-            "count": duplicates["cross_split"],
-            "examples": sorted(
-                ({k: d[k] for k in ("uri", "split", "duplicate_of", "kept_split")} for d in leakage),
-                key=lambda d: d["uri"],
-            ),
+    return json.dumps(
+        {
+            "records": records,
+            "per_class": {s: dict(sorted(c.items())) for s, c in per_class.items()},
+            "dead_letter": {"count": sum(by_reason.values()), "by_reason": dict(sorted(by_reason.items()))},
+            "duplicates": duplicates,
+            "leakage": {
+                "count": duplicates["cross_split"],
+                "examples": sorted(
+                    ({k: d[k] for k in ("uri", "split", "duplicate_of", "kept_split")} for d in leakage),
+                    key=lambda d: d["uri"],
+                ),
+            },
         },
-    }, sort_keys=True)
+        sort_keys=True,
+    )

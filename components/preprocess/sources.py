@@ -13,7 +13,6 @@ import io
 import json
 from dataclasses import asdict, dataclass
 
-from components.preprocess.splits import SPLITS
 from pipeline import storage
 from pipeline.errors import ConfigError
 
@@ -100,7 +99,7 @@ def discover(source: str) -> Listing:
             "split folders (train|validation|test/<class>/<image>) or a .csv/.jsonl manifest."
         )
     base = source.rstrip("/") + "/"
-    relative = [(f, f.uri[len(base):].split("/")) for f in files]
+    relative = [(f, f.uri[len(base) :].split("/")) for f in files]
     top = {parts[0] for _, parts in relative if len(parts) > 1}
     if top and top <= set(SPLIT_ALIASES) and any(SPLIT_ALIASES[t] == "train" for t in top):
         candidates = [_from_path(f, parts, with_split=True) for f, parts in relative]
@@ -118,14 +117,23 @@ def _from_path(info: storage.FileInfo, parts: list[str], with_split: bool) -> Ca
     if with_split:
         split, parts = SPLIT_ALIASES.get(parts[0], ""), parts[1:]
         if not split:
-            return Candidate(info.uri, size=info.size, problem=MISSING_LABEL,
-                             detail=f"'{parts[0]}' is not a split folder ({', '.join(SPLIT_ALIASES)})")
+            return Candidate(
+                info.uri,
+                size=info.size,
+                problem=MISSING_LABEL,
+                detail=f"'{parts[0]}' is not a split folder ({', '.join(SPLIT_ALIASES)})",
+            )
     else:
         split = ""
     if len(parts) < 2:
         where = "split folder" if with_split else "source folder"
-        return Candidate(info.uri, split=split, size=info.size, problem=MISSING_LABEL,
-                         detail=f"file lies directly in the {where}, not in a class folder")
+        return Candidate(
+            info.uri,
+            split=split,
+            size=info.size,
+            problem=MISSING_LABEL,
+            detail=f"file lies directly in the {where}, not in a class folder",
+        )
     return Candidate(info.uri, label=parts[0], split=split, size=info.size)
 
 
@@ -154,7 +162,7 @@ def _csv_rows(text: str) -> list[tuple[int, dict | str]]:
         if len(cells) > len(header):
             rows.append((n, f"{len(cells)} columns, expected at most {len(header)}: {cells}"))
             continue
-        rows.append((n, dict(zip(header, (c.strip() for c in cells)))))
+        rows.append((n, dict(zip(header, (c.strip() for c in cells), strict=False))))
     return rows
 
 
@@ -183,8 +191,12 @@ def _manifest_candidate(manifest: str, base: str, line: int, row: dict | str) ->
     raw_split = str(row.get("split") or "").strip().lower()
     split = SPLIT_ALIASES.get(raw_split, "")
     if raw_split and not split:
-        return Candidate(uri, label=label, problem=BAD_MANIFEST_ROW,
-                         detail=f"line {line}: unknown split '{raw_split}' ({', '.join(SPLIT_ALIASES)})")
+        return Candidate(
+            uri,
+            label=label,
+            problem=BAD_MANIFEST_ROW,
+            detail=f"line {line}: unknown split '{raw_split}' ({', '.join(SPLIT_ALIASES)})",
+        )
     if not label:
         return Candidate(uri, split=split, problem=MISSING_LABEL, detail=f"line {line}: empty label")
     return Candidate(uri, label=label, split=split)

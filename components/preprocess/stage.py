@@ -22,8 +22,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from components.preprocess import analysis, schema
 from components.preprocess import pipeline as graph
-from components.preprocess.splits import SPLITS
 from components.preprocess.sources import discover
+from components.preprocess.splits import SPLITS
 from pipeline import storage
 from pipeline.config import Config, resolved_image_size, to_yaml
 from pipeline.errors import StageError
@@ -47,7 +47,9 @@ def beam_options(config: Config, temp_location: str) -> PipelineOptions:
     options: dict[str, Any] = {"runner": p.runner, "temp_location": temp_location}
     if p.runner in LOCAL_RUNNERS:
         options["direct_num_workers"] = p.num_workers or os.cpu_count() or 1
-        options["direct_running_mode"] = "multi_processing" if options["direct_num_workers"] > 1 else "in_memory"
+        options["direct_running_mode"] = (
+            "multi_processing" if options["direct_num_workers"] > 1 else "in_memory"
+        )
     options.update(p.pipeline_options)
     return PipelineOptions(flags=[], **options)
 
@@ -74,15 +76,22 @@ def run(config: Config) -> dict[str, Any]:
     size = resolved_image_size(config)
     listing = discover(config.data.source)
     total = len(listing.candidates)
-    print(f"[{STAGE}] {total} files in {config.data.source} ({listing.layout}); "
-          f"images -> {size}x{size} JPEG; runner {config.preprocess.runner}", flush=True)
+    print(
+        f"[{STAGE}] {total} files in {config.data.source} ({listing.layout}); "
+        f"images -> {size}x{size} JPEG; runner {config.preprocess.runner}",
+        flush=True,
+    )
 
     final = output_dir(config)
     staging = storage.join(config.run_dir, f".{STAGE}-staging-{uuid.uuid4().hex[:8]}")
     local_tmp = tempfile.mkdtemp(prefix="finetune-preprocess-")
     local_graph = config.preprocess.runner in LOCAL_RUNNERS and storage.is_gcs(config.run_dir)
     transform_dir = os.path.join(local_tmp, "graph") if local_graph else staging
-    tft_temp = os.path.join(local_tmp, "tft") if config.preprocess.runner in LOCAL_RUNNERS else storage.join(staging, "tmp", "tft")
+    tft_temp = (
+        os.path.join(local_tmp, "tft")
+        if config.preprocess.runner in LOCAL_RUNNERS
+        else storage.join(staging, "tmp", "tft")
+    )
     try:
         candidates_uri = storage.join(staging, "tmp", "candidates.jsonl")
         storage.write_text(candidates_uri, "".join(c.to_json() + "\n" for c in listing.candidates))
@@ -126,7 +135,9 @@ def run(config: Config) -> dict[str, Any]:
     return summary
 
 
-def _summary(config: Config, layout: str, total: int, size: int, staging: str, seconds: float) -> dict[str, Any]:
+def _summary(
+    config: Config, layout: str, total: int, size: int, staging: str, seconds: float
+) -> dict[str, Any]:
     counts = json.loads(storage.read_text(storage.join(staging, "counts.json")))
     vocab_uri = storage.join(staging, "transform_fn", "assets", schema.LABEL_VOCABULARY)
     classes = storage.read_text(vocab_uri).splitlines() if storage.exists(vocab_uri) else []

@@ -144,7 +144,8 @@ class Deduplicate(beam.PTransform):
             examples
             | "KeyByHash" >> beam.Map(lambda ex: (ex["sha256"], ex))
             | "GroupByHash" >> beam.GroupByKey()
-            | "KeepOne" >> beam.FlatMap(lambda kv: _keep_one((kv[0], list(kv[1])))).with_outputs(
+            | "KeepOne"
+            >> beam.FlatMap(lambda kv: _keep_one((kv[0], list(kv[1])))).with_outputs(
                 DUPLICATE, main="examples"
             )
         )
@@ -154,6 +155,4 @@ class SplitBy(beam.PTransform):
     """Partitions examples into ``train``, ``eval`` and ``test`` (in that order)."""
 
     def expand(self, examples):
-        return examples | "Partition" >> beam.Partition(
-            lambda ex, n: SPLITS.index(ex["split"]), len(SPLITS)
-        )
+        return examples | "Partition" >> beam.Partition(lambda ex, n: SPLITS.index(ex["split"]), len(SPLITS))
