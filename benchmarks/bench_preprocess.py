@@ -8,7 +8,8 @@ work. Reported:
 * the plain loop's rate: one process, read + decode + resize + re-encode, same library
   and settings as the pipeline's image core;
 * the pipeline's start-up cost: a run on ``--startup-images`` images;
-* the pipeline's steady rate per worker count: (N - n_startup) / (T_N - T_startup);
+* the pipeline's steady rate per worker count: (N - n_startup) / (T_N - T_startup), each
+  time the median of ``--repeats`` runs (this machine's speed drifts between runs);
 * ratios: pipeline per-core rate / plain rate, and 2-worker / 1-worker steady rate.
 
 Usage: python benchmarks/bench_preprocess.py --data ../shared/datasets/beans_raw_sample
@@ -21,6 +22,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--min-images", type=int, default=2160)
     parser.add_argument("--startup-images", type=int, default=30)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is used")
     parser.add_argument("--out", default="runs/bench/preprocess.json")
     args = parser.parse_args()
 
@@ -104,11 +107,23 @@ def main() -> None:
             "plain_loop_images_per_second": round(len(big) / plain, 1),
         }
         for workers in (1, 2):
-            startup = pipeline_seconds(
-                os.path.join(work, "small"), os.path.join(work, "runs", f"s{workers}"), args.size, workers
+            startup = statistics.median(
+                pipeline_seconds(
+                    os.path.join(work, "small"),
+                    os.path.join(work, "runs", f"s{workers}-{i}"),
+                    args.size,
+                    workers,
+                )
+                for i in range(args.repeats)
             )
-            total = pipeline_seconds(
-                os.path.join(work, "big"), os.path.join(work, "runs", f"b{workers}"), args.size, workers
+            total = statistics.median(
+                pipeline_seconds(
+                    os.path.join(work, "big"),
+                    os.path.join(work, "runs", f"b{workers}-{i}"),
+                    args.size,
+                    workers,
+                )
+                for i in range(args.repeats)
             )
             steady = (len(big) - args.startup_images) / max(total - startup, 1e-9)
             result[f"workers_{workers}"] = {
