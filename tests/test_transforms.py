@@ -21,11 +21,11 @@ def _jpeg(seed: int, size=(48, 48)) -> bytes:
 
 def test_decode_and_validate_routes_bad_records_with_reasons():
     records = [
-        {"uri": "a.jpg", "label": "cat", "split": "", "data": _jpeg(1)},
-        {"uri": "b.jpg", "label": "cat", "split": "test", "data": b""},
-        {"uri": "c.jpg", "label": "", "split": "", "data": _jpeg(2)},
-        {"uri": "d.jpg", "label": "dog", "split": "", "data": b"not an image"},
-        {"uri": "e.jpg", "label": "dog", "split": "", "data": _jpeg(3, (10, 10))},
+        {"id": 0, "uri": "a.jpg", "label": "cat", "split": "", "data": _jpeg(1)},
+        {"id": 0, "uri": "b.jpg", "label": "cat", "split": "test", "data": b""},
+        {"id": 0, "uri": "c.jpg", "label": "", "split": "", "data": _jpeg(2)},
+        {"id": 0, "uri": "d.jpg", "label": "dog", "split": "", "data": b"not an image"},
+        {"id": 0, "uri": "e.jpg", "label": "dog", "split": "", "data": _jpeg(3, (10, 10))},
     ]
     with TestPipeline() as p:
         result = p | beam.Create(records) | transforms.DecodeAndValidate(size=32, min_size=16)
@@ -49,63 +49,68 @@ def test_decode_and_validate_routes_bad_records_with_reasons():
         )
 
 
-def _example(uri, label, split, sha):
-    return {"uri": uri, "label": label, "split": split, "sha256": sha}
+def _example(uri, label, split, sha, id_=0):
+    return {
+        "id": id_,
+        "uri": uri,
+        "label": label,
+        "split": split,
+        "sha256": sha,
+        "pixel_mean": [1.0, 2.0, 3.0],
+        "pixel_sq_mean": [1.0, 4.0, 9.0],
+        "image": b"jpeg",
+    }
 
 
 def test_deduplicate_keeps_the_test_copy_and_reports_leakage_and_conflicts():
     examples = [
-        _example("train/cat/1.jpg", "cat", "train", "h1"),
-        _example("test/cat/1.jpg", "cat", "test", "h1"),
-        _example("train/cat/2.jpg", "cat", "train", "h2"),
-        _example("train/dog/2.jpg", "dog", "train", "h2"),
-        _example("train/dog/3.jpg", "dog", "train", "h3"),
+        _example("train/cat/1.jpg", "cat", "train", "h1", 0),
+        _example("test/cat/1.jpg", "cat", "test", "h1", 1),
+        _example("train/cat/2.jpg", "cat", "train", "h2", 2),
+        _example("train/dog/2.jpg", "dog", "train", "h2", 3),
+        _example("train/dog/3.jpg", "dog", "train", "h3", 4),
+        _example("train/dog/3.jpg", "dog", "train", "h3", 5),  # one file named twice in a manifest
     ]
     with TestPipeline() as p:
         result = p | beam.Create(examples) | transforms.Deduplicate()
         assert_that(
-            result.examples | beam.Map(lambda ex: ex["uri"]),
-            equal_to(["test/cat/1.jpg", "train/cat/2.jpg", "train/dog/3.jpg"]),
+            result.examples | beam.Map(lambda ex: (ex["id"], ex["uri"], "image" in ex)),
+            equal_to(
+                [(1, "test/cat/1.jpg", False), (2, "train/cat/2.jpg", False), (4, "train/dog/3.jpg", False)]
+            ),
             label="kept",
         )
         assert_that(
             result.duplicate
-            | beam.Map(lambda d: (d["uri"], d["duplicate_of"], d["cross_split"], d["conflicting_label"])),
+            | beam.Map(
+                lambda d: (d["id"], d["uri"], d["duplicate_of"], d["cross_split"], d["conflicting_label"])
+            ),
             equal_to(
                 [
-                    ("train/cat/1.jpg", "test/cat/1.jpg", True, False),
-                    ("train/dog/2.jpg", "train/cat/2.jpg", False, True),
+                    (0, "train/cat/1.jpg", "test/cat/1.jpg", True, False),
+                    (3, "train/dog/2.jpg", "train/cat/2.jpg", False, True),
+                    (5, "train/dog/3.jpg", "train/dog/3.jpg", False, False),
                 ]
             ),
             label="duplicates",
         )
 
 
-def test_assign_splits_then_split_by_partitions_every_example_once():
+def test_assign_splits_keeps_given_splits_and_follows_the_fractions():
     examples = [
         _example(f"{i}.jpg", "x", "", hashlib.sha256(str(i).encode()).hexdigest()) for i in range(300)
     ]
     examples.append(_example("given.jpg", "x", "test", "h"))
     with TestPipeline() as p:
-        parts = (
-            p
-            | beam.Create(examples)
-            | transforms.AssignSplits(0.6, 0.2, 0.2, source_has_eval=False)
-            | transforms.SplitBy()
-        )
-        counts = [part | f"Count{i}" >> beam.combiners.Count.Globally() for i, part in enumerate(parts)]
-        total = counts | beam.Flatten() | beam.CombineGlobally(sum)
-        assert_that(total, equal_to([301]), label="total")
-        for i, (part, low, high) in enumerate(zip(parts, (150, 40, 40), (210, 80, 81), strict=True)):
-            assert_that(
-                part
-                | f"InRange{i}" >> beam.combiners.Count.Globally()
-                | f"Check{i}" >> beam.Map(lambda n, lo=low, hi=high: lo <= n <= hi),
-                equal_to([True]),
-                label=f"range{i}",
-            )
+        splits = p | beam.Create(examples) | transforms.AssignSplits(0.6, 0.2, 0.2, source_has_eval=False)
+        counts = splits | beam.Map(lambda ex: ex["split"]) | beam.combiners.Count.PerElement()
         assert_that(
-            parts[2] | beam.Filter(lambda ex: ex["uri"] == "given.jpg") | beam.Map(lambda ex: ex["split"]),
+            counts | beam.Map(lambda kv: (kv[0], {"train": 150, "eval": 40, "test": 40}[kv[0]] <= kv[1])),
+            equal_to([("train", True), ("eval", True), ("test", True)]),
+            label="fractions",
+        )
+        assert_that(
+            splits | beam.Filter(lambda ex: ex["uri"] == "given.jpg") | beam.Map(lambda ex: ex["split"]),
             equal_to(["test"]),
             label="given",
         )

@@ -42,7 +42,12 @@ class _ReadImageFn(beam.DoFn):
     """Reads one image's bytes; on every worker. Unreadable files become dead letters."""
 
     def process(self, candidate: Candidate):
-        record = {"uri": candidate.uri, "label": candidate.label, "split": candidate.split}
+        record = {
+            "id": candidate.id,
+            "uri": candidate.uri,
+            "label": candidate.label,
+            "split": candidate.split,
+        }
         if candidate.problem:
             yield beam.pvalue.TaggedOutput(
                 transforms.DEAD_LETTER,
@@ -77,33 +82,39 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
         plan.image_size, plan.min_image_size, plan.jpeg_quality
     )
     train_f, eval_f, test_f = plan.split_fractions
-    deduped = (
-        decoded.examples
-        | "AssignSplits" >> transforms.AssignSplits(train_f, eval_f, test_f, plan.source_has_eval)
-        | "Deduplicate" >> transforms.Deduplicate()
+    examples = decoded.examples | "AssignSplits" >> transforms.AssignSplits(
+        train_f, eval_f, test_f, plan.source_has_eval
     )
-    by_split = dict(zip(SPLITS, deduped.examples | "SplitBy" >> transforms.SplitBy(), strict=True))
+    deduped = examples | "Deduplicate" >> transforms.Deduplicate()
 
     metadata = dataset_metadata.DatasetMetadata(
         schema_utils.schema_from_feature_spec(analysis.RAW_FEATURE_SPEC)
     )
-    analysed = by_split["train"] | "ToRaw" >> beam.Map(_raw)
+    analysed = (
+        deduped.examples
+        | "TrainOnly" >> beam.Filter(lambda ex: ex["split"] == "train")
+        | "ToRaw" >> beam.Map(_raw)
+    )
     transform_fn = (analysed, metadata) | "AnalyzeDataset" >> tft_beam.AnalyzeDataset(
         analysis.preprocessing_fn
     )
     _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(plan.transform_fn_dir)
     saved_model_dir, _ = transform_fn
     vocabulary = beam.pvalue.AsSingleton(saved_model_dir | "ReadVocabulary" >> beam.Map(_read_vocabulary))
+    dropped = beam.pvalue.AsList(deduped.duplicate | "DroppedIds" >> beam.Map(lambda d: d["id"]))
+    labelled = examples | "ApplyVocabulary" >> beam.ParDo(
+        _ApplyVocabularyFn(), dropped, vocabulary
+    ).with_outputs(transforms.DEAD_LETTER, *SPLITS)
 
-    dead_letters = [read[transforms.DEAD_LETTER], decoded[transforms.DEAD_LETTER]]
+    dead_letters = [
+        read[transforms.DEAD_LETTER],
+        decoded[transforms.DEAD_LETTER],
+        labelled[transforms.DEAD_LETTER],
+    ]
     facts = []
     for s in SPLITS:
-        labelled = by_split[s] | f"ApplyVocabulary[{s}]" >> beam.ParDo(
-            _ApplyVocabularyFn(), vocabulary
-        ).with_outputs(transforms.DEAD_LETTER, main="known")
-        dead_letters.append(labelled[transforms.DEAD_LETTER])
         _ = (
-            labelled.known
+            labelled[s]
             | f"Encode[{s}]"
             >> beam.Map(lambda ex: schema.encode_example(ex["image"], ex["label_id"], ex["label"], ex["uri"]))
             | f"WriteTFRecords[{s}]"
@@ -114,7 +125,7 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
             )
         )
         facts.append(
-            labelled.known | f"CountRecords[{s}]" >> beam.Map(lambda ex: ("record", ex["split"], ex["label"]))
+            labelled[s] | f"CountRecords[{s}]" >> beam.Map(lambda ex: ("record", ex["split"], ex["label"]))
         )
 
     all_dead = dead_letters | "FlattenDeadLetters" >> beam.Flatten()
@@ -147,16 +158,24 @@ def _read_vocabulary(saved_model_dir: str) -> list[str]:
 
 
 class _ApplyVocabularyFn(beam.DoFn):
-    """Adds ``label_id`` from the train vocabulary; on every worker. A label that no train
-    image has becomes a dead letter: the model could never predict it."""
+    """Routes each example to its split with its class id; on every worker.
+
+    Copies that Deduplicate dropped are skipped here, where the image bytes already are, and
+    a label that no train image has becomes a dead letter: the model could never predict it.
+    """
 
     def __init__(self):
         self._ids: dict[str, int] = {}
-        self._source: list[str] | None = None
+        self._dropped: set[int] = set()
+        self._sources: tuple[Any, Any] = (None, None)
 
-    def process(self, example: dict[str, Any], vocabulary: list[str]):
-        if vocabulary is not self._source:
-            self._ids, self._source = {name: i for i, name in enumerate(vocabulary)}, vocabulary
+    def process(self, example: dict[str, Any], dropped: list[int], vocabulary: list[str]):
+        if self._sources[0] is not dropped or self._sources[1] is not vocabulary:
+            self._dropped = set(dropped)
+            self._ids = {name: i for i, name in enumerate(vocabulary)}
+            self._sources = (dropped, vocabulary)
+        if example["id"] in self._dropped:
+            return
         label_id = self._ids.get(example["label"], analysis.UNKNOWN_LABEL)
         if label_id == analysis.UNKNOWN_LABEL:
             yield beam.pvalue.TaggedOutput(
@@ -169,7 +188,7 @@ class _ApplyVocabularyFn(beam.DoFn):
                 ),
             )
             return
-        yield {**example, "label_id": label_id}
+        yield beam.pvalue.TaggedOutput(example["split"], {**example, "label_id": label_id})
 
 
 def _duplicate_facts(dup: dict[str, Any]):

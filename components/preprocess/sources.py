@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from pipeline import storage
 from pipeline.errors import ConfigError
@@ -46,6 +46,7 @@ class Candidate:
         size: Size in bytes when the listing knows it, else -1.
         problem: A dead-letter reason found while listing, or ``""``.
         detail: Words on the problem.
+        id: Position in the sorted listing: tells apart two manifest rows naming one file.
     """
 
     uri: str
@@ -54,6 +55,7 @@ class Candidate:
     size: int = -1
     problem: str = ""
     detail: str = ""
+    id: int = -1
 
     def to_json(self) -> str:
         """One JSON line, the format the pipeline reads candidates in."""
@@ -108,7 +110,8 @@ def discover(source: str) -> Listing:
 
 
 def _listing(layout: str, candidates: list[Candidate]) -> Listing:
-    candidates = sorted(candidates, key=lambda c: c.uri)
+    ordered = sorted(candidates, key=lambda c: (c.uri, c.label, c.split))
+    candidates = [replace(c, id=i) for i, c in enumerate(ordered)]
     return Listing(layout, candidates, has_eval=any(c.split == "eval" for c in candidates))
 
 

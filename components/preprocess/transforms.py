@@ -1,7 +1,7 @@
 """Composite Beam transforms of the preprocessing stage. No I/O here.
 
 Elements are plain dicts (cheap to pickle between workers). An *example* dict has
-``uri, label, split, sha256, image, pixel_mean, pixel_sq_mean``; a *dead letter* has
+``id, uri, label, split, sha256, image, pixel_mean, pixel_sq_mean``; a *dead letter* has
 ``uri, label, split, stage, reason, detail``. Step names are stable: they appear in logs,
 metrics, dead letters and Kubernetes Job names.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import apache_beam as beam
 
 from components.preprocess import images
-from components.preprocess.splits import SPLITS, assign_split
+from components.preprocess.splits import assign_split
 
 DEAD_LETTER = "dead_letter"
 DUPLICATE = "duplicate"
@@ -65,6 +65,7 @@ class _DecodeAndValidateFn(beam.DoFn):
             return
         self._decoded.inc()
         yield {
+            "id": record["id"],
             "uri": record["uri"],
             "label": record["label"],
             "split": record.get("split", ""),
@@ -107,20 +108,24 @@ class AssignSplits(beam.PTransform):
         )
 
 
-def _keep_one(item: tuple[str, list[dict[str, Any]]]):
+# What Deduplicate groups: everything about an example but its image bytes.
+_SLIM_KEYS = ("id", "uri", "label", "split", "sha256", "pixel_mean", "pixel_sq_mean")
+
+
+def _keep_one(copies: list[dict[str, Any]]):
     """Keeps one copy of identical images; the others go to the ``duplicate`` output.
 
     The kept copy is the one in the most protected split (test, then eval, then train), so
     an image seen in both train and test stays a test image and no longer leaks into train.
     """
-    _, copies = item
-    copies = sorted(copies, key=lambda ex: (_SPLIT_PRIORITY[ex["split"]], ex["uri"]))
+    copies = sorted(copies, key=lambda ex: (_SPLIT_PRIORITY[ex["split"]], ex["uri"], ex["id"]))
     kept = copies[0]
     yield kept
     for dup in copies[1:]:
         yield beam.pvalue.TaggedOutput(
             DUPLICATE,
             {
+                "id": dup["id"],
                 "uri": dup["uri"],
                 "label": dup["label"],
                 "split": dup["split"],
@@ -134,25 +139,20 @@ def _keep_one(item: tuple[str, list[dict[str, Any]]]):
 
 
 class Deduplicate(beam.PTransform):
-    """Drops exact duplicates (same SHA-256 of the bytes); reports them on ``duplicate``.
+    """Finds exact duplicates (same SHA-256 of the bytes) and decides which copy stays.
 
-    Returns a ``DoOutputsTuple``: ``result.examples`` and ``result.duplicate``.
+    Only the examples' metadata is grouped, never the image bytes: the bytes stay where they
+    were decoded, and :class:`DropDuplicates` removes the dropped copies from there.
+
+    Returns a ``DoOutputsTuple``: ``result.examples`` (the kept copies, without image bytes)
+    and ``result.duplicate`` (one report per dropped copy, with its ``id``).
     """
 
     def expand(self, examples):
         return (
             examples
-            | "KeyByHash" >> beam.Map(lambda ex: (ex["sha256"], ex))
+            | "KeyByHash" >> beam.Map(lambda ex: (ex["sha256"], {k: ex[k] for k in _SLIM_KEYS}))
             | "GroupByHash" >> beam.GroupByKey()
             | "KeepOne"
-            >> beam.FlatMap(lambda kv: _keep_one((kv[0], list(kv[1])))).with_outputs(
-                DUPLICATE, main="examples"
-            )
+            >> beam.FlatMap(lambda kv: _keep_one(list(kv[1]))).with_outputs(DUPLICATE, main="examples")
         )
-
-
-class SplitBy(beam.PTransform):
-    """Partitions examples into ``train``, ``eval`` and ``test`` (in that order)."""
-
-    def expand(self, examples):
-        return examples | "Partition" >> beam.Partition(lambda ex, n: SPLITS.index(ex["split"]), len(SPLITS))
