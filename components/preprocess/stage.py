@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -22,7 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from components.preprocess import analysis, schema
 from components.preprocess import pipeline as graph
-from components.preprocess.sources import discover
+from components.preprocess.sources import Listing, discover
 from components.preprocess.splits import SPLITS
 from pipeline import storage
 from pipeline.config import Config, resolved_image_size, to_yaml
@@ -32,6 +33,10 @@ STAGE = "preprocess"
 # Runners that execute in this process's machine, where TF's file system cannot reach a
 # GCS emulator and need not: the transform graph is staged locally and uploaded.
 LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "PrismRunner")
+# With num_workers 0 the local runner uses one process per core only from this many inputs:
+# worker processes cost ~12 s more start-up, which 2 cores pay back after ~9,000 images
+# (`make bench`, README "Performance"); below it one in-process worker finishes first.
+PARALLEL_MIN_IMAGES = 5000
 _LOG = logging.getLogger(__name__)
 
 
@@ -40,16 +45,23 @@ def output_dir(config: Config) -> str:
     return storage.join(config.run_dir, STAGE)
 
 
-def beam_options(config: Config, temp_location: str) -> PipelineOptions:
-    """The Beam options: ``preprocess.pipeline_options`` passed through unchanged, plus the
-    runner and, for the local runner, one worker process per core (or ``num_workers``)."""
+def local_workers(config: Config, num_inputs: int) -> int:
+    """Worker processes for the local runner: ``preprocess.num_workers``, or when it is 0,
+    one per core for large inputs and one in-process worker for small ones."""
+    if config.preprocess.num_workers:
+        return config.preprocess.num_workers
+    return (os.cpu_count() or 1) if num_inputs >= PARALLEL_MIN_IMAGES else 1
+
+
+def beam_options(config: Config, temp_location: str, num_inputs: int) -> PipelineOptions:
+    """The Beam options: ``preprocess.pipeline_options`` passed through unchanged (they win),
+    plus the runner and, for the local runner, its worker count and mode."""
     p = config.preprocess
     options: dict[str, Any] = {"runner": p.runner, "temp_location": temp_location}
     if p.runner in LOCAL_RUNNERS:
-        options["direct_num_workers"] = p.num_workers or os.cpu_count() or 1
-        options["direct_running_mode"] = (
-            "multi_processing" if options["direct_num_workers"] > 1 else "in_memory"
-        )
+        workers = local_workers(config, num_inputs)
+        options["direct_num_workers"] = workers
+        options["direct_running_mode"] = "multi_processing" if workers > 1 else "in_memory"
     options.update(p.pipeline_options)
     return PipelineOptions(flags=[], **options)
 
@@ -62,6 +74,45 @@ def _runner(config: Config):
 
         return FnApiRunner()
     return None
+
+
+@dataclass(frozen=True)
+class _Workspace:
+    """Where one run writes before publishing.
+
+    Attributes:
+        final: ``<run_dir>/preprocess``, replaced whole at the end.
+        staging: A sibling of ``final`` that receives every output first.
+        local_tmp: A local scratch directory, removed at the end.
+        transform_dir: Where tf.Transform writes its graph: the staging directory, or local
+            scratch when a local runner writes to gs:// (TF's own GCS client cannot be pointed
+            at an emulator, and need not be: the graph is uploaded through the storage edge).
+        tft_temp: tf.Transform's temporary directory (shared storage for remote runners).
+    """
+
+    final: str
+    staging: str
+    local_tmp: str
+    transform_dir: str
+    tft_temp: str
+
+    @staticmethod
+    def create(config: Config) -> _Workspace:
+        local_runner = config.preprocess.runner in LOCAL_RUNNERS
+        staging = storage.join(config.run_dir, f".{STAGE}-staging-{uuid.uuid4().hex[:8]}")
+        local_tmp = tempfile.mkdtemp(prefix="finetune-preprocess-")
+        local_graph = local_runner and storage.is_gcs(config.run_dir)
+        return _Workspace(
+            final=output_dir(config),
+            staging=staging,
+            local_tmp=local_tmp,
+            transform_dir=os.path.join(local_tmp, "graph") if local_graph else staging,
+            tft_temp=os.path.join(local_tmp, "tft") if local_runner else storage.join(staging, "tmp", "tft"),
+        )
+
+    def cleanup(self) -> None:
+        storage.delete_tree(self.staging)
+        shutil.rmtree(self.local_tmp, ignore_errors=True)
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -77,83 +128,90 @@ def run(config: Config) -> dict[str, Any]:
     listing = discover(config.data.source)
     total = len(listing.candidates)
     print(
-        f"[{STAGE}] {total} files in {config.data.source} ({listing.layout}); "
-        f"images -> {size}x{size} JPEG; runner {config.preprocess.runner}",
+        f"[{STAGE}] {total} files in {config.data.source} ({listing.layout}); images -> {size}x{size} "
+        f"JPEG; runner {config.preprocess.runner}",
         flush=True,
     )
-
-    final = output_dir(config)
-    staging = storage.join(config.run_dir, f".{STAGE}-staging-{uuid.uuid4().hex[:8]}")
-    local_tmp = tempfile.mkdtemp(prefix="finetune-preprocess-")
-    local_graph = config.preprocess.runner in LOCAL_RUNNERS and storage.is_gcs(config.run_dir)
-    transform_dir = os.path.join(local_tmp, "graph") if local_graph else staging
-    tft_temp = (
-        os.path.join(local_tmp, "tft")
-        if config.preprocess.runner in LOCAL_RUNNERS
-        else storage.join(staging, "tmp", "tft")
-    )
+    work = _Workspace.create(config)
     try:
-        candidates_uri = storage.join(staging, "tmp", "candidates.jsonl")
-        storage.write_text(candidates_uri, "".join(c.to_json() + "\n" for c in listing.candidates))
-        split = config.data.split
-        plan = graph.Plan(
-            candidates_uri=candidates_uri,
-            output_dir=staging,
-            transform_fn_dir=transform_dir,
-            image_size=size,
-            min_image_size=config.preprocess.min_image_size,
-            jpeg_quality=config.preprocess.jpeg_quality,
-            num_shards=config.preprocess.num_shards,
-            split_fractions=(split.train, split.eval, split.test),
-            source_has_eval=listing.has_eval,
-        )
-        options = beam_options(config, temp_location=storage.join(staging, "tmp", "beam"))
-        with tft_beam.Context(temp_dir=tft_temp, force_tf_compat_v1=False):
-            with beam.Pipeline(runner=_runner(config), options=options) as p:
-                graph.build(p, plan)
-        image_stats = analysis.image_statistics(transform_dir)
-        if local_graph:
-            storage.copy_tree(transform_dir, staging)
-        storage.delete_tree(storage.join(staging, "tmp"))
-        summary = _summary(config, listing.layout, total, size, staging, time.time() - started)
-        summary["image_stats"] = image_stats
-        storage.write_text(storage.join(staging, "config.yaml"), to_yaml(config))
-        problem = _problem(config, summary)
-        if problem:
-            summary["status"], summary["error"] = "failed", problem
-            for split_dir in ("transform_fn", "transformed_metadata", *SPLITS):
-                storage.delete_tree(storage.join(staging, split_dir))
-        storage.write_text(storage.join(staging, "summary.json"), json.dumps(summary, indent=2) + "\n")
-        storage.delete_tree(final)
-        storage.move_tree(staging, final)
+        _run_beam(config, listing, size, work)
+        summary = _summary(config, listing.layout, total, size, work, time.time() - started)
+        _publish(config, summary, work)
     finally:
-        storage.delete_tree(staging)
-        shutil.rmtree(local_tmp, ignore_errors=True)
-    _print_summary(summary, final)
-    if problem:
-        raise StageError(problem)
+        work.cleanup()
+    _print_summary(summary, work.final)
+    if summary["status"] != "ok":
+        raise StageError(summary["error"])
     return summary
 
 
+def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> None:
+    """Writes the candidate list and runs the Beam graph into the staging directory."""
+    candidates_uri = storage.join(work.staging, "tmp", "candidates.jsonl")
+    storage.write_text(candidates_uri, "".join(c.to_json() + "\n" for c in listing.candidates))
+    split = config.data.split
+    plan = graph.Plan(
+        candidates_uri=candidates_uri,
+        output_dir=work.staging,
+        transform_fn_dir=work.transform_dir,
+        image_size=size,
+        min_image_size=config.preprocess.min_image_size,
+        jpeg_quality=config.preprocess.jpeg_quality,
+        num_shards=config.preprocess.num_shards,
+        split_fractions=(split.train, split.eval, split.test),
+        source_has_eval=listing.has_eval,
+    )
+    options = beam_options(config, storage.join(work.staging, "tmp", "beam"), len(listing.candidates))
+    with tft_beam.Context(temp_dir=work.tft_temp, force_tf_compat_v1=False):
+        with beam.Pipeline(runner=_runner(config), options=options) as p:
+            graph.build(p, plan)
+    if work.transform_dir != work.staging:
+        storage.copy_tree(work.transform_dir, work.staging)
+    storage.delete_tree(storage.join(work.staging, "tmp"))
+
+
+def _publish(config: Config, summary: dict[str, Any], work: _Workspace) -> None:
+    """Completes the staging directory and moves it into place, replacing the last run.
+
+    A failed run publishes its dead letters and summary only: records and a transform graph
+    that must not be used are never left where a trainer would find them.
+    """
+    if summary["status"] != "ok":
+        for name in ("transform_fn", "transformed_metadata", *SPLITS):
+            storage.delete_tree(storage.join(work.staging, name))
+    storage.write_text(storage.join(work.staging, "config.yaml"), to_yaml(config))
+    storage.write_text(storage.join(work.staging, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    storage.delete_tree(work.final)
+    storage.move_tree(work.staging, work.final)
+
+
 def _summary(
-    config: Config, layout: str, total: int, size: int, staging: str, seconds: float
+    config: Config, layout: str, total: int, size: int, work: _Workspace, seconds: float
 ) -> dict[str, Any]:
-    counts = json.loads(storage.read_text(storage.join(staging, "counts.json")))
-    vocab_uri = storage.join(staging, "transform_fn", "assets", schema.LABEL_VOCABULARY)
+    """summary.json: the pipeline's counts, the vocabulary and statistics, and the verdict."""
+    counts_uri = storage.join(work.staging, "counts.json")
+    counts = json.loads(storage.read_text(counts_uri))
+    storage.delete_tree(counts_uri)
+    vocab_uri = storage.join(work.staging, "transform_fn", "assets", schema.LABEL_VOCABULARY)
     classes = storage.read_text(vocab_uri).splitlines() if storage.exists(vocab_uri) else []
-    storage.delete_tree(storage.join(staging, "counts.json"))
-    return {
+    summary = {
         "status": "ok",
         "source": config.data.source,
         "layout": layout,
         "image_size": size,
         "inputs": total,
         "classes": classes,
+        "records": counts.pop("records"),
         **counts,
+        "image_stats": analysis.image_statistics(work.transform_dir),
         "bad_fraction": round(counts["dead_letter"]["count"] / total, 6) if total else 0.0,
         "seconds": round(seconds, 3),
         "images_per_second": round(total / seconds, 2) if seconds > 0 else 0.0,
     }
+    problem = _problem(config, summary)
+    if problem:
+        summary["status"], summary["error"] = "failed", problem
+    return summary
 
 
 def _problem(config: Config, summary: dict[str, Any]) -> str:
