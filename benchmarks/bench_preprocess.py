@@ -82,6 +82,17 @@ def pipeline_seconds(source: str, run_dir: str, size: int, workers: int) -> floa
     return seconds
 
 
+def median_seconds(work: str, dataset: str, size: int, workers: int, repeats: int) -> float:
+    """The median of ``repeats`` pipeline runs over ``<work>/<dataset>``."""
+    runs = [
+        pipeline_seconds(
+            os.path.join(work, dataset), os.path.join(work, "runs", f"{dataset}-{workers}-{i}"), size, workers
+        )
+        for i in range(repeats)
+    ]
+    return statistics.median(runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,23 +118,9 @@ def main() -> None:
             "plain_loop_images_per_second": round(len(big) / plain, 1),
         }
         for workers in (1, 2):
-            startup = statistics.median(
-                pipeline_seconds(
-                    os.path.join(work, "small"),
-                    os.path.join(work, "runs", f"s{workers}-{i}"),
-                    args.size,
-                    workers,
-                )
-                for i in range(args.repeats)
-            )
-            total = statistics.median(
-                pipeline_seconds(
-                    os.path.join(work, "big"),
-                    os.path.join(work, "runs", f"b{workers}-{i}"),
-                    args.size,
-                    workers,
-                )
-                for i in range(args.repeats)
+            startup, total = (
+                median_seconds(work, dataset, args.size, workers, args.repeats)
+                for dataset in ("small", "big")
             )
             steady = (len(big) - args.startup_images) / max(total - startup, 1e-9)
             result[f"workers_{workers}"] = {

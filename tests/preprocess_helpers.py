@@ -17,6 +17,16 @@ from pipeline.config import load_config
 SHARED = os.environ.get("FINETUNE_DATASETS") or os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "datasets"
 )
+# Everything a successful run publishes under <run_dir>/preprocess/.
+PUBLISHED = {
+    *SPLITS,
+    "transform_fn",
+    "transformed_metadata",
+    "dead_letter.jsonl",
+    "duplicates.jsonl",
+    "summary.json",
+    "config.yaml",
+}
 
 
 def config_for(source: str, run_dir: str, *overrides: str):

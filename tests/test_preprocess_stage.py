@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.errors import StageError
 from tests.image_fixtures import RED, make_odd_and_bad
-from tests.preprocess_helpers import all_records, out, read_jsonl, run_stage
+from tests.preprocess_helpers import PUBLISHED, all_records, out, read_jsonl, run_stage
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +75,7 @@ def test_outputs_are_complete_and_leave_no_temporary_files(odd_run):
     _, _, run_dir, summary = odd_run
     assert sorted(os.listdir(run_dir)) == ["preprocess"]
     names = set(os.listdir(out(run_dir)))
-    assert names == {
-        "train",
-        "eval",
-        "test",
-        "transform_fn",
-        "transformed_metadata",
-        "dead_letter.jsonl",
-        "duplicates.jsonl",
-        "summary.json",
-        "config.yaml",
-    }
+    assert names == PUBLISHED
     for split in ("train", "eval", "test"):
         assert len(os.listdir(out(run_dir, split))) == 4
     with open(out(run_dir, "summary.json")) as f:
