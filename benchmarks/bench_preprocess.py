@@ -10,7 +10,8 @@ work. Reported:
 * the pipeline's start-up cost: a run on ``--startup-images`` images;
 * the pipeline's steady rate per worker count: (N - n_startup) / (T_N - T_startup), each
   time the median of ``--repeats`` runs (this machine's speed drifts between runs);
-* ratios: pipeline per-core rate / plain rate, and 2-worker / 1-worker steady rate.
+* ratios: pipeline per-core rate / plain rate; 2 worker processes / 1 in-process worker (the
+  target); and 2 worker processes / 1 worker process (how the multi-process mode scales).
 
 Usage: python benchmarks/bench_preprocess.py --data ../shared/datasets/beans_raw_sample
 """
@@ -64,7 +65,7 @@ def plain_loop(paths: list[str], size: int, quality: int) -> float:
     return time.perf_counter() - started
 
 
-def pipeline_seconds(source: str, run_dir: str, size: int, workers: int) -> float:
+def pipeline_seconds(source: str, run_dir: str, size: int, workers: int, mode: str) -> float:
     config = load_config(
         None,
         [
@@ -73,6 +74,7 @@ def pipeline_seconds(source: str, run_dir: str, size: int, workers: int) -> floa
             f"model.image_size={size}",
             f"preprocess.num_workers={workers}",
             "data.split={train: 0.8, eval: 0.1, test: 0.1}",
+            f"preprocess.pipeline_options={{direct_running_mode: {mode}}}",
         ],
     )
     started = time.perf_counter()
@@ -82,11 +84,15 @@ def pipeline_seconds(source: str, run_dir: str, size: int, workers: int) -> floa
     return seconds
 
 
-def median_seconds(work: str, dataset: str, size: int, workers: int, repeats: int) -> float:
+def median_seconds(work: str, dataset: str, size: int, workers: int, mode: str, repeats: int) -> float:
     """The median of ``repeats`` pipeline runs over ``<work>/<dataset>``."""
     runs = [
         pipeline_seconds(
-            os.path.join(work, dataset), os.path.join(work, "runs", f"{dataset}-{workers}-{i}"), size, workers
+            os.path.join(work, dataset),
+            os.path.join(work, "runs", f"{dataset}-{mode}-{workers}-{i}"),
+            size,
+            workers,
+            mode,
         )
         for i in range(repeats)
     ]
@@ -117,13 +123,19 @@ def main() -> None:
             "cpu_cores": os.cpu_count(),
             "plain_loop_images_per_second": round(len(big) / plain, 1),
         }
-        for workers in (1, 2):
+        # 1 worker runs in-process (the fastest single-core mode, and the default); the
+        # 1-process row shows how the multi-process mode itself scales from 1 to 2 processes.
+        for name, workers, mode in (
+            ("workers_1", 1, "in_memory"),
+            ("workers_1_process", 1, "multi_processing"),
+            ("workers_2", 2, "multi_processing"),
+        ):
             startup, total = (
-                median_seconds(work, dataset, args.size, workers, args.repeats)
+                median_seconds(work, dataset, args.size, workers, mode, args.repeats)
                 for dataset in ("small", "big")
             )
             steady = (len(big) - args.startup_images) / max(total - startup, 1e-9)
-            result[f"workers_{workers}"] = {
+            result[name] = {
                 "startup_seconds": round(startup, 2),
                 "total_seconds": round(total, 2),
                 "steady_images_per_second": round(steady, 1),
@@ -132,6 +144,9 @@ def main() -> None:
         w1, w2 = result["workers_1"], result["workers_2"]
         result["pipeline_per_core_vs_plain"] = round(
             w1["steady_images_per_second"] / result["plain_loop_images_per_second"], 3
+        )
+        result["two_processes_vs_one_process"] = round(
+            w2["steady_images_per_second"] / result["workers_1_process"]["steady_images_per_second"], 3
         )
         result["two_workers_vs_one"] = round(
             w2["steady_images_per_second"] / w1["steady_images_per_second"], 3
