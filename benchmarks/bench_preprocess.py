@@ -8,8 +8,10 @@ work. Reported:
 * the plain loop's rate: one process, read + decode + resize + re-encode, same library
   and settings as the pipeline's image core;
 * the pipeline's start-up cost: a run on ``--startup-images`` images;
-* the pipeline's steady rate per worker count: (N - n_startup) / (T_N - T_startup), each
-  time the median of ``--repeats`` runs (this machine's speed drifts between runs);
+* the pipeline's steady rate per configuration: (N - n_startup) / (T_N - T_startup);
+* ``--repeats`` rounds, each timing the plain loop and every configuration back to back
+  (this machine's speed drifts by tens of percent over minutes); ratios are the median of
+  the per-round ratios;
 * ratios: pipeline per-core rate / plain rate; 2 worker processes / 1 in-process worker (the
   target); and 2 worker processes / 1 worker process (how the multi-process mode scales).
 
@@ -84,19 +86,31 @@ def pipeline_seconds(source: str, run_dir: str, size: int, workers: int, mode: s
     return seconds
 
 
-def median_seconds(work: str, dataset: str, size: int, workers: int, mode: str, repeats: int) -> float:
-    """The median of ``repeats`` pipeline runs over ``<work>/<dataset>``."""
-    runs = [
-        pipeline_seconds(
-            os.path.join(work, dataset),
-            os.path.join(work, "runs", f"{dataset}-{mode}-{workers}-{i}"),
-            size,
-            workers,
-            mode,
+# (name, local workers, Beam direct_running_mode). One worker in-process is the fastest
+# single-core mode and the default for small inputs; one worker *process* shows how the
+# multi-process mode itself scales from 1 to 2 processes.
+CONFIGS = (
+    ("workers_1", 1, "in_memory"),
+    ("workers_1_process", 1, "multi_processing"),
+    ("workers_2", 2, "multi_processing"),
+)
+
+
+def one_round(work: str, big: list[str], size: int, startup_images: int, i: int) -> dict[str, float]:
+    """Times the plain loop and every configuration back to back, so a drift in the machine's
+    speed hits all of them alike. Returns images/s per configuration (steady) and start-up."""
+    rates = {"plain": len(big) / plain_loop(big, size, 95)}
+    for name, workers, mode in CONFIGS:
+        startup, total = (
+            pipeline_seconds(
+                os.path.join(work, d), os.path.join(work, "runs", f"{d}-{name}-{i}"), size, workers, mode
+            )
+            for d in ("small", "big")
         )
-        for i in range(repeats)
-    ]
-    return statistics.median(runs)
+        rates[name] = (len(big) - startup_images) / max(total - startup, 1e-9)
+        rates[f"{name}_startup"] = startup
+        rates[f"{name}_total"] = total
+    return rates
 
 
 def main() -> None:
@@ -107,7 +121,7 @@ def main() -> None:
     parser.add_argument("--min-images", type=int, default=2160)
     parser.add_argument("--startup-images", type=int, default=30)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is used")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported")
     parser.add_argument("--out", default="runs/bench/preprocess.json")
     args = parser.parse_args()
 
@@ -116,41 +130,30 @@ def main() -> None:
         big = make_dataset(args.data, os.path.join(work, "big"), args.min_images)
         make_dataset(args.data, os.path.join(work, "small"), args.startup_images)
         plain_loop(big[:20], args.size, 95)  # warm the page cache and Pillow
-        plain = min(plain_loop(big, args.size, 95) for _ in range(3))  # best of 3: least disturbed
+        rounds = [one_round(work, big, args.size, args.startup_images, i) for i in range(args.repeats)]
+        med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+        def ratio(a: str, b: str) -> float:  # median over rounds of the per-round ratio
+            return round(statistics.median(r[a] / r[b] for r in rounds), 3)
+
         result = {
             "images": len(big),
             "image_size": args.size,
             "cpu_cores": os.cpu_count(),
-            "plain_loop_images_per_second": round(len(big) / plain, 1),
+            "rounds": args.repeats,
+            "plain_loop_images_per_second": round(med["plain"], 1),
         }
-        # 1 worker runs in-process (the fastest single-core mode, and the default); the
-        # 1-process row shows how the multi-process mode itself scales from 1 to 2 processes.
-        for name, workers, mode in (
-            ("workers_1", 1, "in_memory"),
-            ("workers_1_process", 1, "multi_processing"),
-            ("workers_2", 2, "multi_processing"),
-        ):
-            startup, total = (
-                median_seconds(work, dataset, args.size, workers, mode, args.repeats)
-                for dataset in ("small", "big")
-            )
-            steady = (len(big) - args.startup_images) / max(total - startup, 1e-9)
+        for name, _, _ in CONFIGS:
             result[name] = {
-                "startup_seconds": round(startup, 2),
-                "total_seconds": round(total, 2),
-                "steady_images_per_second": round(steady, 1),
-                "end_to_end_images_per_second": round(len(big) / total, 1),
+                "startup_seconds": round(med[f"{name}_startup"], 2),
+                "total_seconds": round(med[f"{name}_total"], 2),
+                "steady_images_per_second": round(med[name], 1),
+                "end_to_end_images_per_second": round(len(big) / med[f"{name}_total"], 1),
             }
-        w1, w2 = result["workers_1"], result["workers_2"]
-        result["pipeline_per_core_vs_plain"] = round(
-            w1["steady_images_per_second"] / result["plain_loop_images_per_second"], 3
-        )
-        result["two_processes_vs_one_process"] = round(
-            w2["steady_images_per_second"] / result["workers_1_process"]["steady_images_per_second"], 3
-        )
-        result["two_workers_vs_one"] = round(
-            w2["steady_images_per_second"] / w1["steady_images_per_second"], 3
-        )
+        result["pipeline_per_core_vs_plain"] = ratio("workers_1", "plain")
+        result["two_workers_vs_one"] = ratio("workers_2", "workers_1")
+        result["two_processes_vs_one_process"] = ratio("workers_2", "workers_1_process")
+        result["per_round"] = [{k: round(v, 2) for k, v in r.items()} for r in rounds]
         result["targets"] = {
             "pipeline_per_core_vs_plain >= 0.7": result["pipeline_per_core_vs_plain"] >= 0.7,
             "two_workers_vs_one >= 1.6": result["two_workers_vs_one"] >= 1.6,
