@@ -56,7 +56,8 @@ class _ReadImageFn(beam.DoFn):
             return
         try:
             record["data"] = storage.read_bytes(candidate.uri)
-        except OSError as e:
+        except Exception as e:  # after the client's own retries, any read error
+            # (missing, permission denied, ...) is this file's problem, not the run's.
             yield beam.pvalue.TaggedOutput(
                 transforms.DEAD_LETTER,
                 transforms.dead_letter(record, "ReadImages", "unreadable", f"{type(e).__name__}: {e}"),
