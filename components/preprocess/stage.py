@@ -33,9 +33,9 @@ STAGE = "preprocess"
 # Runners that execute in this process's machine, where TF's file system cannot reach a
 # GCS emulator and need not: the transform graph is staged locally and uploaded.
 LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "PrismRunner")
-# With num_workers 0 the local runner uses one process per core only from this many inputs:
-# worker processes cost ~12 s more start-up, which 2 cores pay back after ~9,000 images
-# (`make bench`, README "Performance"); below it one in-process worker finishes first.
+# With num_workers 0 the local runner uses one process per core only from this many inputs.
+# Worker processes cost ~11 s more start-up and, on 2 cores, were no faster per image than one
+# in-process worker (`make bench`, README "Performance"): below this, in-process finishes first.
 PARALLEL_MIN_IMAGES = 5000
 _LOG = logging.getLogger(__name__)
 
