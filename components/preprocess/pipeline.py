@@ -87,32 +87,40 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
         train_f, eval_f, test_f, plan.source_has_eval
     )
     deduped = examples | "Deduplicate" >> transforms.Deduplicate()
-
-    metadata = dataset_metadata.DatasetMetadata(
-        schema_utils.schema_from_feature_spec(analysis.RAW_FEATURE_SPEC)
-    )
-    analysed = (
-        deduped.examples
-        | "TrainOnly" >> beam.Filter(lambda ex: ex["split"] == "train")
-        | "ToRaw" >> beam.Map(_raw)
-    )
-    transform_fn = (analysed, metadata) | "AnalyzeDataset" >> tft_beam.AnalyzeDataset(
-        analysis.preprocessing_fn
-    )
-    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(plan.transform_fn_dir)
-    saved_model_dir, _ = transform_fn
-    vocabulary = beam.pvalue.AsSingleton(saved_model_dir | "ReadVocabulary" >> beam.Map(_read_vocabulary))
+    vocabulary = _analyse(deduped.examples, plan.transform_fn_dir)
     dropped = beam.pvalue.AsList(deduped.duplicate | "DroppedIds" >> beam.Map(lambda d: d["id"]))
     labelled = examples | "ApplyVocabulary" >> beam.ParDo(
         _ApplyVocabularyFn(), dropped, vocabulary
     ).with_outputs(transforms.DEAD_LETTER, *SPLITS)
-
-    dead_letters = [
+    records = _write_records(labelled, plan)
+    dead_letters = (
         read[transforms.DEAD_LETTER],
         decoded[transforms.DEAD_LETTER],
         labelled[transforms.DEAD_LETTER],
-    ]
-    facts = []
+    ) | "FlattenDeadLetters" >> beam.Flatten()
+    _write_reports(records, dead_letters, deduped.duplicate, plan.output_dir)
+
+
+def _analyse(kept, transform_fn_dir: str) -> beam.pvalue.AsSideInput:
+    """tf.Transform over the kept train examples; writes the graph and returns the label
+    vocabulary (class-id order) as a side input."""
+    metadata = dataset_metadata.DatasetMetadata(
+        schema_utils.schema_from_feature_spec(analysis.RAW_FEATURE_SPEC)
+    )
+    analysed = (
+        kept | "TrainOnly" >> beam.Filter(lambda ex: ex["split"] == "train") | "ToRaw" >> beam.Map(_raw)
+    )
+    transform_fn = (analysed, metadata) | "AnalyzeDataset" >> tft_beam.AnalyzeDataset(
+        analysis.preprocessing_fn
+    )
+    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(transform_fn_dir)
+    saved_model_dir, _ = transform_fn
+    return beam.pvalue.AsSingleton(saved_model_dir | "ReadVocabulary" >> beam.Map(_read_vocabulary))
+
+
+def _write_records(labelled, plan: Plan):
+    """Writes each split's sharded TFRecords; returns ``(split, label)`` per written record."""
+    written = []
     for s in SPLITS:
         _ = (
             labelled[s]
@@ -125,17 +133,23 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
                 num_shards=plan.num_shards,
             )
         )
-        facts.append(
+        written.append(
             labelled[s] | f"CountRecords[{s}]" >> beam.Map(lambda ex: ("record", ex["split"], ex["label"]))
         )
+    return written | "FlattenRecords" >> beam.Flatten()
 
-    all_dead = dead_letters | "FlattenDeadLetters" >> beam.Flatten()
-    _write_jsonl(all_dead, storage.join(plan.output_dir, "dead_letter.jsonl"), "WriteDeadLetters")
-    _write_jsonl(deduped.duplicate, storage.join(plan.output_dir, "duplicates.jsonl"), "WriteDuplicates")
-    facts.append(all_dead | "CountDeadLetters" >> beam.Map(lambda d: ("dead_letter", d["reason"])))
-    facts.append(deduped.duplicate | "CountDuplicates" >> beam.FlatMap(_duplicate_facts))
+
+def _write_reports(records, dead_letters, duplicates, output_dir: str) -> None:
+    """dead_letter.jsonl, duplicates.jsonl, and the counts the stage folds into summary.json."""
+    _write_jsonl(dead_letters, storage.join(output_dir, "dead_letter.jsonl"), "WriteDeadLetters")
+    _write_jsonl(duplicates, storage.join(output_dir, "duplicates.jsonl"), "WriteDuplicates")
+    facts = (
+        records,
+        dead_letters | "CountDeadLetters" >> beam.Map(lambda d: ("dead_letter", d["reason"])),
+        duplicates | "CountDuplicates" >> beam.FlatMap(_duplicate_facts),
+    )
     leakage = (
-        deduped.duplicate
+        duplicates
         | "CrossSplit" >> beam.Filter(lambda d: d["cross_split"])
         | "LeakageExamples" >> beam.combiners.Sample.FixedSizeGlobally(LEAKAGE_EXAMPLES)
     )
@@ -146,9 +160,7 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
         | "CollectFacts" >> beam.combiners.ToList()
         | "Summarize" >> beam.Map(_summarize, leakage=beam.pvalue.AsSingleton(leakage))
         | "WriteCounts"
-        >> beam.io.WriteToText(
-            storage.join(plan.output_dir, "counts.json"), shard_name_template="", num_shards=1
-        )
+        >> beam.io.WriteToText(storage.join(output_dir, "counts.json"), shard_name_template="", num_shards=1)
     )
 
 
