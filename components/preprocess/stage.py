@@ -8,7 +8,6 @@ so a reader never sees half a run, and a re-run replaces the previous outputs wh
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -37,7 +36,6 @@ LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "PrismRunner")
 # Worker processes cost ~11 s more start-up and, on 2 cores, were no faster per image than one
 # in-process worker (`make bench`, README "Performance"): below this, in-process finishes first.
 PARALLEL_MIN_IMAGES = 5000
-_LOG = logging.getLogger(__name__)
 
 
 def output_dir(config: Config) -> str:
