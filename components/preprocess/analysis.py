@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from components.preprocess.schema import LABEL_VOCABULARY
+from pipeline import storage
 
 # The raw features handed to tf.Transform (from DecodeAndValidate).
 RAW_FEATURE_SPEC = {
@@ -50,6 +51,16 @@ def preprocessing_fn(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         "image_mean": tf.broadcast_to(tf.reshape(mean, [1, 3]), [rows, 3]),
         "image_std": tf.broadcast_to(tf.reshape(std, [1, 3]), [rows, 3]),
     }
+
+
+def read_vocabulary(saved_model_dir: str) -> list[str]:
+    """The label vocabulary of a written ``transform_fn`` directory, in class-id order.
+
+    Reads through the storage edge, so it works for local paths and gs:// alike; on Beam
+    workers (as a side input) and in the driver.
+    """
+    uri = storage.join(saved_model_dir, "assets", LABEL_VOCABULARY)
+    return storage.read_text(uri).splitlines()
 
 
 def image_statistics(transform_output_dir: str) -> dict[str, list[float]] | None:

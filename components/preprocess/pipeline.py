@@ -115,7 +115,7 @@ def _analyse(kept, transform_fn_dir: str) -> beam.pvalue.AsSideInput:
     )
     _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(transform_fn_dir)
     saved_model_dir, _ = transform_fn
-    return beam.pvalue.AsSingleton(saved_model_dir | "ReadVocabulary" >> beam.Map(_read_vocabulary))
+    return beam.pvalue.AsSingleton(saved_model_dir | "ReadVocabulary" >> beam.Map(analysis.read_vocabulary))
 
 
 def _write_records(labelled, plan: Plan):
@@ -162,12 +162,6 @@ def _write_reports(records, dead_letters, duplicates, output_dir: str) -> None:
         | "WriteCounts"
         >> beam.io.WriteToText(storage.join(output_dir, "counts.json"), shard_name_template="", num_shards=1)
     )
-
-
-def _read_vocabulary(saved_model_dir: str) -> list[str]:
-    """The label vocabulary the analysis wrote, in class-id order (one read per pipeline)."""
-    uri = storage.join(saved_model_dir, "assets", schema.LABEL_VOCABULARY)
-    return storage.read_text(uri).splitlines()
 
 
 class _ApplyVocabularyFn(beam.DoFn):

@@ -90,9 +90,10 @@ def discover(source: str) -> Listing:
         ConfigError: when the source does not exist or holds no files.
     """
     if source.lower().endswith(MANIFEST_SUFFIXES):
-        if not storage.exists(source):
-            raise ConfigError(f"data.source: manifest not found: {source}")
-        candidates = _from_manifest(source)
+        try:
+            candidates = _from_manifest(source)
+        except FileNotFoundError:
+            raise ConfigError(f"data.source: manifest not found: {source}") from None
         return _listing("manifest", candidates)
     files = storage.list_files(source)
     if not files:

@@ -20,7 +20,7 @@ import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from components.preprocess import analysis, schema
+from components.preprocess import analysis
 from components.preprocess import pipeline as graph
 from components.preprocess.sources import Listing, discover
 from components.preprocess.splits import SPLITS
@@ -190,8 +190,7 @@ def _summary(
     counts_uri = storage.join(work.staging, "counts.json")
     counts = json.loads(storage.read_text(counts_uri))
     storage.delete_tree(counts_uri)
-    vocab_uri = storage.join(work.staging, "transform_fn", "assets", schema.LABEL_VOCABULARY)
-    classes = storage.read_text(vocab_uri).splitlines() if storage.exists(vocab_uri) else []
+    classes = analysis.read_vocabulary(storage.join(work.staging, "transform_fn"))
     summary = {
         "status": "ok",
         "source": config.data.source,
