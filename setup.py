@@ -15,6 +15,7 @@ setup(
     install_requires=[
         "tensorflow==2.21.*",
         "tf-keras==2.21.*",
+        "tensorboard==2.21.*",  # tf.summary, written by the trainer for TensorBoard
         "tensorflow-transform==1.21.*",
         "apache-beam[gcp]==2.77.*",
         "google-cloud-storage>=3,<4",

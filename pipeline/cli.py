@@ -18,6 +18,7 @@ EPILOG = """\
 examples:
   finetune preprocess --config configs/beans.yaml
   finetune preprocess --config my.yaml --set data.source=gs://bucket/images --set model.image_size=128
+  finetune train --config configs/beans.yaml --set train.finetune_epochs=3
   finetune config --config my.yaml          # print the resolved configuration
 
 Configuration is read in this order: built-in defaults, the YAML file, then --set overrides.
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="finetune",
         description=(
             "Transfer learning for image classification at scale: preprocess labelled images "
-            "with Apache Beam + tf.Transform into TFRecords (later stages: train, evaluate, "
+            "with Apache Beam + tf.Transform into TFRecords, then train a frozen-feature "
+            "baseline and a fine-tuned candidate under tf.distribute (later stages: evaluate, "
             "export, push)."
         ),
         epilog=EPILOG,
@@ -65,6 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
             "reason), drop duplicates, assign splits deterministically, compute the label "
             "vocabulary and image statistics with tf.Transform, and write sharded TFRecords, "
             "the transform graph and summary.json under <run_dir>/preprocess/."
+        ),
+    )
+    sub.add_parser(
+        "train",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="TFRecords -> frozen-feature baseline + fine-tuned candidate (tf.distribute)",
+        description=(
+            "Train two models from one backbone on <run_dir>/preprocess/: the baseline (backbone "
+            "frozen, new head trained on features computed once) and the candidate (top of the "
+            "backbone unfrozen, BatchNorm frozen, lower learning rate, augmentation). The "
+            "strategy comes from the environment: TPU, MultiWorkerMirroredStrategy when TF_CONFIG "
+            "names several workers, MirroredStrategy on several GPUs, else one device. Outputs "
+            "(models, histories, TensorBoard logs, summary.json) go to <run_dir>/train/; a "
+            "restarted run resumes from its backup."
         ),
     )
     sub.add_parser(
@@ -99,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from components.preprocess import stage
 
             stage.run(config)
+            return 0
+        if args.command == "train":
+            from components.train import stage as train_stage
+
+            train_stage.run(config)
             return 0
     except ConfigError as e:
         print(f"finetune: error: {e}", file=sys.stderr)

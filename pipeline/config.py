@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from components.backbones import BACKBONES, get_backbone
+from components.backbones import BACKBONES, check_options, get_backbone
 from pipeline.errors import ConfigError, did_you_mean
 
 # Beam runners we know by name; a dotted path to a runner class is passed through as well.
@@ -55,10 +55,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The backbone and its input size (``0`` means the backbone's default)."""
+    """The backbone, its weights and the new classification head.
+
+    ``image_size`` 0 means the backbone's default. ``weights`` is ``imagenet`` (Keras's own
+    download and cache), ``none`` (random initialisation), or the local path / gs:// URI of
+    a Keras weights file for the backbone without its top. ``alpha`` is the MobileNet width.
+    """
 
     backbone: str = "mobilenet_v2"
     image_size: int = 0
+    weights: str = "imagenet"
+    alpha: float = 1.0
+    dropout: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,50 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Random augmentation in the fine-tuning phase (never in the cached baseline phase).
+
+    ``rotation`` is the largest rotation as a fraction of a full turn; ``crop`` the largest
+    fraction of each side cut away before resizing back (a random zoom-in). 0 turns one off.
+    """
+
+    flip: bool = True
+    rotation: float = 0.05
+    crop: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training stage: frozen-feature baseline, then fine-tuning.
+
+    ``batch_size`` is per replica; the global batch is it times the replicas. With
+    ``scale_learning_rate`` the learning rates are multiplied by the replicas.
+    ``finetune_learning_rate`` 0 means a tenth of ``baseline_learning_rate``. ``unfreeze`` is
+    empty for the backbone's default, a fraction of the backbone's layers counted from the
+    top, or the name of the first layer to train. ``mixed_precision`` and ``xla`` are
+    ``auto`` (on with a GPU or TPU, off on CPU), ``true`` or ``false``.
+    ``early_stopping_patience`` 0 trains every epoch; N stops after N epochs without a lower
+    eval loss and keeps the best weights. ``backup_every_steps`` 0 backs up for preemption at
+    every epoch end, N every N steps.
+    """
+
+    batch_size: int = 32
+    baseline_epochs: int = 5
+    finetune_epochs: int = 5
+    baseline_learning_rate: float = 0.001
+    finetune_learning_rate: float = 0.0
+    scale_learning_rate: bool = False
+    unfreeze: str = ""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mixed_precision: str = "auto"
+    xla: str = "auto"
+    seed: int = 42
+    early_stopping_patience: int = 0
+    backup_every_steps: int = 0
+    shuffle_buffer: int = 2048
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run: every stage reads its part of this tree."""
 
@@ -88,6 +140,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -157,14 +210,18 @@ def validate(config: Config) -> Config:
             f"model.backbone: unknown backbone '{config.model.backbone}'"
             f"{did_you_mean(config.model.backbone, BACKBONES)} Valid: {', '.join(BACKBONES)}"
         )
-    elif config.model.image_size:
+    else:
         minimum = BACKBONES[config.model.backbone].min_size
-        if config.model.image_size < minimum:
+        if config.model.image_size and config.model.image_size < minimum:
             problems.append(
                 f"model.image_size: {config.model.image_size} is below the minimum of "
                 f"{minimum} for {config.model.backbone}; use 0 for the backbone's default"
             )
+        problems.extend(check_options(config.model.backbone, config.model.weights, config.model.alpha))
+    if not 0.0 <= config.model.dropout < 1.0:
+        problems.append(f"model.dropout: {config.model.dropout} must be in [0, 1)")
     problems.extend(_validate_preprocess(config.preprocess))
+    problems.extend(_validate_train(config.train))
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return config
@@ -187,6 +244,56 @@ def _validate_preprocess(p: PreprocessConfig) -> list[str]:
             problems.append(f"preprocess.{key}: {value} must be between {low} and {high}")
     if not 0.0 <= p.max_bad_fraction <= 1.0:
         problems.append(f"preprocess.max_bad_fraction: {p.max_bad_fraction} must be between 0 and 1")
+    return problems
+
+
+TRI_STATE = ("auto", "true", "false")
+
+
+def tri_state(value: str) -> str:
+    """Normalises an ``auto|true|false`` option (YAML booleans arrive as True/False)."""
+    return {"on": "true", "off": "false", "yes": "true", "no": "false"}.get(value.lower(), value.lower())
+
+
+def _validate_train(t: TrainConfig) -> list[str]:
+    problems = []
+    for key, value, low, high in (
+        ("batch_size", t.batch_size, 1, 65_536),
+        ("baseline_epochs", t.baseline_epochs, 1, 100_000),
+        ("finetune_epochs", t.finetune_epochs, 1, 100_000),
+        ("early_stopping_patience", t.early_stopping_patience, 0, 100_000),
+        ("backup_every_steps", t.backup_every_steps, 0, 10**9),
+        ("shuffle_buffer", t.shuffle_buffer, 1, 10**8),
+    ):
+        if not low <= value <= high:
+            problems.append(f"train.{key}: {value} must be between {low} and {high}")
+    if not t.baseline_learning_rate > 0:
+        problems.append(f"train.baseline_learning_rate: {t.baseline_learning_rate} must be above 0")
+    if t.finetune_learning_rate < 0:
+        problems.append(
+            f"train.finetune_learning_rate: {t.finetune_learning_rate} must be >= 0 (0: baseline / 10)"
+        )
+    if t.unfreeze:
+        try:
+            fraction = float(t.unfreeze)
+        except ValueError:
+            pass  # a layer name, checked against the built backbone
+        else:
+            if not 0.0 < fraction <= 1.0:
+                problems.append(
+                    f"train.unfreeze: fraction {fraction} must be in (0, 1], or give a layer name"
+                )
+    for key in ("mixed_precision", "xla"):
+        value = tri_state(getattr(t, key))
+        if value not in TRI_STATE:
+            problems.append(f"train.{key}: '{getattr(t, key)}' must be one of {', '.join(TRI_STATE)}")
+    augment = t.augment
+    if not 0.0 <= augment.rotation <= 0.5:
+        problems.append(
+            f"train.augment.rotation: {augment.rotation} must be between 0 and 0.5 (of a full turn)"
+        )
+    if not 0.0 <= augment.crop < 1.0:
+        problems.append(f"train.augment.crop: {augment.crop} must be in [0, 1)")
     return problems
 
 

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -260,3 +261,21 @@ def move_tree(src_prefix: str, dst_prefix: str) -> int:
     copy_tree(src_prefix, dst_prefix)
     delete_tree(src_prefix)
     return len(pairs)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local path holding ``uri``'s bytes: the path itself when local, otherwise a
+    temporary copy removed on exit (for readers such as Keras's that need a local file)."""
+    if _is_local(uri):
+        yield uri
+        return
+    suffix = os.path.splitext(uri)[1]
+    fd, tmp = tempfile.mkstemp(prefix="finetune-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in _iter_chunks(uri):
+                f.write(chunk)
+        yield tmp
+    finally:
+        os.unlink(tmp)

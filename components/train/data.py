@@ -1,0 +1,171 @@
+"""The training input pipeline: the preprocessing stage's TFRecords as tf.data datasets.
+
+Each worker reads its own shard: whole files when there are at least as many files as
+workers (no worker reads bytes it then drops), records otherwise. Files are interleaved,
+the compact encoded records cached in memory, shuffled, decoded in parallel, batched per
+replica, augmented on the fly and prefetched, so the accelerator never waits for input.
+
+Runs on every worker, inside ``strategy.distribute_datasets_from_function``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from components.preprocess import schema
+from pipeline import storage
+from pipeline.config import AugmentConfig
+from pipeline.errors import StageError
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def record_files(preprocess_dir: str, split: str) -> list[str]:
+    """The split's TFRecord shards, sorted (every worker must see the same order).
+
+    Raises:
+        StageError: the split has no shards (preprocessing has not run, or wrote elsewhere).
+    """
+    directory = storage.join(preprocess_dir, split)
+    files = (
+        sorted(f.uri for f in storage.list_files(directory) if f.uri.endswith(schema.TFRECORD_SUFFIX))
+        if storage.exists(directory)
+        else []
+    )
+    if not files:
+        raise StageError(
+            f"no {split} TFRecords under {directory}; run `finetune preprocess` with the same run_dir first"
+        )
+    return files
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of the data this input pipeline reads: ``index`` of ``count``."""
+
+    count: int = 1
+    index: int = 0
+
+
+def decode(serialized: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """One record -> (float32 RGB pixels in 0-255, int64 label)."""
+    features = tf.io.parse_single_example(serialized, schema.RECORD_FEATURE_SPEC)
+    image = tf.io.decode_jpeg(features["image"], channels=3)
+    image = tf.ensure_shape(image, [image_size, image_size, 3])
+    return tf.cast(image, tf.float32), features["label"]
+
+
+def image_dataset(
+    files: list[str],
+    image_size: int,
+    batch_size: int,
+    *,
+    shard: Shard = Shard(),
+    training: bool = False,
+    repeat: bool = False,
+    augment: AugmentConfig | None = None,
+    shuffle_buffer: int = 2048,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Batches of ``(images, labels)`` from TFRecord ``files``.
+
+    Args:
+        files: Every shard of the split (the same list on every worker).
+        image_size: The stored image size (the preprocessing stage's ``image_size``).
+        batch_size: Per-replica batch size.
+        shard: This input pipeline's part of the data.
+        training: Shuffle (files and records, reshuffled each epoch), drop the last partial
+            batch, and let parallel steps finish out of order.
+        repeat: Repeat forever (training, and validation across several workers, which must
+            all run the same number of steps).
+        augment: Random flip / rotation / crop of each batch, or None.
+    """
+    by_file = len(files) >= shard.count
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if shard.count > 1 and by_file:
+        dataset = dataset.shard(shard.count, shard.index)
+    if training:
+        dataset = dataset.shuffle(len(files), seed=seed)
+    dataset = dataset.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), 8),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=not training,
+    )
+    if shard.count > 1 and not by_file:
+        dataset = dataset.shard(shard.count, shard.index)
+    dataset = dataset.cache()  # encoded records: ~20 KB per 224-px image, decoded per epoch
+    if training:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = dataset.map(
+        lambda r: decode(r, image_size), num_parallel_calls=AUTOTUNE, deterministic=not training
+    )
+    dataset = dataset.batch(batch_size, drop_remainder=training)
+    if augment is not None and (augment.flip or augment.rotation or augment.crop):
+        dataset = dataset.map(
+            lambda x, y: (augment_batch(x, augment), y),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=not training,
+        )
+    return _unsharded(dataset.prefetch(AUTOTUNE))
+
+
+def feature_dataset(
+    features: tf.Tensor, labels: tf.Tensor, batch_size: int, *, training: bool, repeat: bool, seed: int = 0
+) -> tf.data.Dataset:
+    """Batches of cached backbone features (the baseline phase): already in memory."""
+    dataset = tf.data.Dataset.from_tensor_slices((features, labels))
+    if training:
+        dataset = dataset.shuffle(len(labels), seed=seed)
+    if repeat:
+        dataset = dataset.repeat()
+    return _unsharded(dataset.batch(batch_size, drop_remainder=training).prefetch(AUTOTUNE))
+
+
+def _unsharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Turns off tf.distribute's auto-sharding: each pipeline is sharded above already."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)
+
+
+def augment_batch(images: tf.Tensor, augment: AugmentConfig) -> tf.Tensor:
+    """Random horizontal flip, then one projective warp per image that rotates by up to
+    ``augment.rotation`` of a turn and zooms in on a random window up to ``augment.crop``
+    smaller per side (a random crop resized back). Edges are filled by reflection.
+
+    Runs in the input pipeline (not in the model), so the exported model carries none of it.
+    """
+    if augment.flip:
+        images = tf.image.random_flip_left_right(images)
+    if not (augment.rotation or augment.crop):
+        return images
+    shape = tf.shape(images)
+    n = shape[0]
+    height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    angle = tf.random.uniform([n], -1.0, 1.0) * (augment.rotation * 2.0 * math.pi)
+    zoom = 1.0 - tf.random.uniform([n], 0.0, augment.crop)  # fraction of the side kept
+    # The kept window may sit anywhere inside the image.
+    dx = tf.random.uniform([n], -1.0, 1.0) * (1.0 - zoom) * width / 2.0
+    dy = tf.random.uniform([n], -1.0, 1.0) * (1.0 - zoom) * height / 2.0
+    cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+    cos, sin = tf.cos(angle) * zoom, tf.sin(angle) * zoom
+    # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2).
+    a0, a1, b0, b1 = cos, -sin, sin, cos
+    a2 = cx - a0 * cx - a1 * cy + dx
+    b2 = cy - b0 * cx - b1 * cy + dy
+    zeros = tf.zeros([n])
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=shape[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )

@@ -1,0 +1,128 @@
+"""The classifier: backbone + new head, and which layers each phase trains.
+
+One model graph serves both phases::
+
+    image (float RGB 0-255) -> preprocess (the backbone's own preprocess_input)
+      -> backbone (called with training=False: BatchNorm always in inference mode)
+      -> pool (global average) = features -> head (dropout, dense, softmax in float32)
+
+``extractor`` (image -> features) and ``head`` (features -> probabilities) share those
+layers, so the head trained on cached features *is* the head of the assembled baseline.
+
+Built on every worker, under the strategy's scope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import tf_keras
+
+from components import backbones
+
+CUSTOM_PACKAGE = "finetune"
+
+
+@tf_keras.saving.register_keras_serializable(package=CUSTOM_PACKAGE)
+class BackbonePreprocess(tf_keras.layers.Layer):
+    """The backbone's ``preprocess_input`` as a layer, so saved models take raw 0-255 RGB."""
+
+    def __init__(self, backbone: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+
+    def call(self, images: Any) -> Any:
+        return backbones.preprocess_input(self.backbone, images)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "backbone": self.backbone}
+
+
+@dataclass
+class Classifier:
+    """The assembled model and its parts (all sharing layers and weights).
+
+    Attributes:
+        model: image -> class probabilities; the baseline, then the candidate.
+        extractor: image -> pooled backbone features (frozen in the baseline phase).
+        head: features -> class probabilities.
+        backbone: The Keras applications backbone (layer ``backbone`` of ``model``).
+    """
+
+    model: Any
+    extractor: Any
+    head: Any
+    backbone: Any
+
+
+def build_classifier(
+    backbone_name: str,
+    image_size: int,
+    num_classes: int,
+    *,
+    weights: str = backbones.IMAGENET,
+    alpha: float = 1.0,
+    dropout: float = 0.2,
+    seed: int = 0,
+    name: str = "classifier",
+) -> Classifier:
+    """Builds the classifier with the backbone frozen (the baseline phase)."""
+    backbone = backbones.build_backbone(backbone_name, image_size, weights=weights, alpha=alpha)
+    backbone.trainable = False
+    image = tf_keras.Input((image_size, image_size, 3), name="image")
+    x = BackbonePreprocess(backbone_name, name="preprocess")(image)
+    x = backbone(x, training=False)
+    features = tf_keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    head = build_head(int(features.shape[-1]), num_classes, dropout, seed)
+    model = tf_keras.Model(image, head(features), name=name)
+    extractor = tf_keras.Model(image, features, name="extractor")
+    return Classifier(model=model, extractor=extractor, head=head, backbone=backbone)
+
+
+def build_head(feature_dim: int, num_classes: int, dropout: float, seed: int = 0) -> Any:
+    """features -> dropout -> dense -> softmax (kept in float32 under mixed precision)."""
+    features = tf_keras.Input((feature_dim,), name="features")
+    x = tf_keras.layers.Dropout(dropout, seed=seed, name="dropout")(features)
+    x = tf_keras.layers.Dense(num_classes, name="logits")(x)
+    probabilities = tf_keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return tf_keras.Model(features, probabilities, name="head")
+
+
+def unfreeze_top(classifier: Classifier, backbone_name: str, unfreeze: str) -> dict[str, Any]:
+    """Prepares the candidate phase: trains the backbone from the ``train.unfreeze`` layer
+    up, keeps every BatchNormalization layer frozen (its statistics stay ImageNet's, and the
+    backbone is called with ``training=False`` anyway), and leaves the head trainable.
+
+    Returns:
+        What was unfrozen, for the summary.
+    """
+    backbone = classifier.backbone
+    layers = backbone.layers
+    start = backbones.unfreeze_index(
+        [layer.name for layer in layers], unfreeze, backbones.BACKBONES[backbone_name].unfreeze_from
+    )
+    backbone.trainable = True
+    batchnorm = 0
+    for i, layer in enumerate(layers):
+        is_batchnorm = isinstance(layer, tf_keras.layers.BatchNormalization)
+        batchnorm += is_batchnorm
+        layer.trainable = i >= start and not is_batchnorm
+    return {
+        "from_layer": layers[start].name,
+        "trainable_layers": sum(1 for layer in layers if layer.trainable and layer.weights),
+        "frozen_layers": sum(1 for layer in layers if not layer.trainable and layer.weights),
+        "frozen_batchnorm": batchnorm,
+        "trainable_weights": len(classifier.model.trainable_weights),
+    }
+
+
+def compile_model(model: Any, learning_rate: float, jit_compile: bool) -> None:
+    """Adam + sparse categorical cross-entropy + accuracy (mixed float16 gets Keras's loss
+    scaling automatically)."""
+    model.compile(
+        optimizer=tf_keras.optimizers.Adam(learning_rate),
+        loss=tf_keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=jit_compile,
+    )

@@ -1,0 +1,463 @@
+"""The training stage: ``finetune train``.
+
+Reads ``<run_dir>/preprocess/`` (TFRecords, vocabulary, image size) and trains, from one
+backbone, two models under one tf.distribute strategy:
+
+1. ``baseline``: backbone frozen, new head. The backbone's features cannot change, so each
+   worker computes them once for its shard and the head trains on the cached features.
+2. ``candidate``: the baseline with the top of the backbone unfrozen (BatchNorm frozen),
+   recompiled with a lower learning rate, trained on augmented images.
+
+Writes under ``<run_dir>/train/`` (chief only; other workers write temporary copies and
+remove them): ``config.yaml``; per phase ``model.keras``, ``history.json`` and
+``result.json`` (written last: the phase is done); ``logs/`` for TensorBoard; ``backup/``
+for preemption (removed when a phase ends); and ``summary.json`` last. A restarted run with
+the same configuration resumes: a finished baseline is loaded, an interrupted phase
+continues from its backup. The test split is never read here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from components.train import data, distribute, model
+from pipeline import storage
+from pipeline.config import Config, resolved_image_size, to_yaml
+from pipeline.errors import StageError
+
+STAGE = "train"
+
+
+def output_dir(config: Config) -> str:
+    """``<run_dir>/train``."""
+    return storage.join(config.run_dir, STAGE)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the preprocessing stage produced, as the trainer needs it."""
+
+    classes: list[str]
+    image_size: int
+    train_files: list[str]
+    eval_files: list[str]
+    num_train: int
+    num_eval: int
+
+
+def read_inputs(config: Config) -> Inputs:
+    """Reads ``<run_dir>/preprocess/summary.json`` and lists the train and eval shards.
+
+    Raises:
+        StageError: preprocessing has not run or failed, or its image size differs from
+            ``model.image_size``.
+    """
+    prep = storage.join(config.run_dir, "preprocess")
+    summary_path = storage.join(prep, "summary.json")
+    if not storage.exists(summary_path):
+        raise StageError(f"{summary_path} not found; run `finetune preprocess` with this config first")
+    summary = json.loads(storage.read_text(summary_path))
+    if summary.get("status") != "ok":
+        raise StageError(f"preprocessing did not succeed ({summary_path}: status {summary.get('status')})")
+    size = resolved_image_size(config)
+    if summary["image_size"] != size:
+        raise StageError(
+            f"the TFRecords hold {summary['image_size']} px images but model.image_size resolves to {size}; "
+            f"set model.image_size={summary['image_size']} or re-run `finetune preprocess`"
+        )
+    records = summary["records"]
+    return Inputs(
+        classes=list(summary["classes"]),
+        image_size=size,
+        train_files=data.record_files(prep, "train"),
+        eval_files=data.record_files(prep, "eval") if records.get("eval") else [],
+        num_train=int(records["train"]),
+        num_eval=int(records.get("eval", 0)),
+    )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run's fixed facts, passed to each phase."""
+
+    config: Config
+    cluster: distribute.Cluster
+    placement: distribute.Placement
+    inputs: Inputs
+    out: str
+    global_batch: int
+    steps_per_epoch: int
+    jit_compile: bool
+    policy: str
+
+    def say(self, message: str) -> None:
+        """Progress on the console: the chief's, or tagged with the worker elsewhere."""
+        if self.cluster.is_chief:
+            print(f"[train] {message}", flush=True)
+
+    @property
+    def verbose(self) -> int:
+        if not self.cluster.is_chief:
+            return 0
+        return 1 if sys.stdout.isatty() else 2
+
+    def learning_rate(self, base: float) -> float:
+        return base * self.placement.replicas if self.config.train.scale_learning_rate else base
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Trains the baseline and the candidate; returns the summary (on every worker)."""
+    started = time.perf_counter()
+    cluster = distribute.parse_tf_config()
+    inputs = read_inputs(config)
+    placement = distribute.create_strategy(cluster)  # before any other TensorFlow op
+    policy = distribute.precision_policy(config, placement.device)
+    tf_keras.mixed_precision.set_global_policy(policy)
+    global_batch = config.train.batch_size * placement.replicas
+    ctx = Run(
+        config=config,
+        cluster=cluster,
+        placement=placement,
+        inputs=inputs,
+        out=output_dir(config),
+        global_batch=global_batch,
+        steps_per_epoch=max(1, inputs.num_train // global_batch),
+        jit_compile=distribute.use_xla(config, placement.device),
+        policy=policy,
+    )
+    if cluster.is_chief:
+        _prepare_output(ctx)
+    distribute.barrier(placement, cluster)
+    ctx.say(
+        f"{placement.name} ({cluster.describe()}, {placement.replicas} replica(s) on {placement.device}); "
+        f"{inputs.num_train} train / {inputs.num_eval} eval images, {len(inputs.classes)} classes; "
+        f"global batch {global_batch}, {ctx.steps_per_epoch} steps per epoch; {policy}, XLA {ctx.jit_compile}"
+    )
+    tf_keras.utils.set_random_seed(config.train.seed)
+    with placement.strategy.scope():
+        clf = model.build_classifier(
+            config.model.backbone,
+            inputs.image_size,
+            len(inputs.classes),
+            weights=config.model.weights,
+            alpha=config.model.alpha,
+            dropout=config.model.dropout,
+            seed=config.train.seed,
+            name=config.name,
+        )
+    baseline = _baseline_phase(ctx, clf)
+    candidate = _candidate_phase(ctx, clf)
+    summary = {
+        "status": "ok",
+        "backbone": config.model.backbone,
+        "image_size": inputs.image_size,
+        "classes": inputs.classes,
+        "records": {"train": inputs.num_train, "eval": inputs.num_eval},
+        "strategy": placement.name,
+        "device": placement.device,
+        "workers": cluster.num_workers,
+        "replicas": placement.replicas,
+        "per_replica_batch_size": config.train.batch_size,
+        "global_batch_size": global_batch,
+        "precision_policy": policy,
+        "xla": ctx.jit_compile,
+        "baseline": baseline,
+        "candidate": candidate,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if cluster.is_chief:
+        storage.write_text(storage.join(ctx.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        ctx.say(
+            f"done in {summary['seconds']} s: baseline eval accuracy {_fmt(baseline['eval'])}, "
+            f"candidate eval accuracy {_fmt(candidate['eval'])}; outputs in {ctx.out}"
+        )
+    return summary
+
+
+def _fmt(metrics: dict[str, float] | None) -> str:
+    return "n/a (no eval split)" if not metrics else f"{metrics['accuracy']:.4f}"
+
+
+def _prepare_output(ctx: Run) -> None:
+    """Chief only, before the first barrier: keeps an unfinished run of the same
+    configuration (to resume it), otherwise starts ``<run_dir>/train`` afresh."""
+    config_path = storage.join(ctx.out, "config.yaml")
+    text = to_yaml(ctx.config)
+    if storage.exists(storage.join(ctx.out, "summary.json")):
+        ctx.say(f"replacing the finished run in {ctx.out}")
+        storage.delete_tree(ctx.out)
+    elif storage.exists(config_path):
+        if storage.read_text(config_path) == text:
+            ctx.say(f"resuming the unfinished run in {ctx.out}")
+            return
+        ctx.say(f"the unfinished run in {ctx.out} had another configuration; starting over")
+        storage.delete_tree(ctx.out)
+    storage.write_text(config_path, text)
+
+
+def _baseline_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
+    """Phase 1: the head on cached features of the frozen backbone."""
+    result_path = storage.join(ctx.out, "baseline", "result.json")
+    if storage.exists(result_path):
+        with storage.local_copy(storage.join(ctx.out, "baseline", "model.keras")) as path:
+            clf.model.load_weights(path)
+        ctx.say("baseline: already trained in this run directory, loaded")
+        return json.loads(storage.read_text(result_path))
+    t = ctx.config.train
+    started = time.perf_counter()
+    shard = data.Shard(ctx.cluster.num_workers, ctx.cluster.worker_index)
+    ctx.say(f"baseline: computing frozen {ctx.config.model.backbone} features once (cached for every epoch)")
+    train_x, train_y = _features(ctx, clf, ctx.inputs.train_files, shard)
+    eval_x, eval_y = (
+        _features(ctx, clf, ctx.inputs.eval_files, data.Shard()) if ctx.inputs.eval_files else (None, None)
+    )
+    feature_seconds = time.perf_counter() - started
+    ctx.say(f"baseline: {len(train_y)} train features in {feature_seconds:.1f} s; training the head")
+    learning_rate = ctx.learning_rate(t.baseline_learning_rate)
+    with ctx.placement.strategy.scope():
+        model.compile_model(clf.head, learning_rate, ctx.jit_compile)
+
+    def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = ictx.get_per_replica_batch_size(ctx.global_batch)
+        return data.feature_dataset(train_x, train_y, batch, training=True, repeat=True, seed=t.seed)
+
+    def eval_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
+        part = slice(ictx.input_pipeline_id, None, ictx.num_input_pipelines)
+        batch = ictx.get_per_replica_batch_size(ctx.global_batch)
+        return data.feature_dataset(
+            eval_x[part], eval_y[part], batch, training=False, repeat=ctx.cluster.multi_worker
+        )
+
+    history, train_seconds = _fit(
+        ctx, clf.head, "baseline", train_fn, eval_fn if eval_x is not None else None, t.baseline_epochs
+    )
+    evaluated = (
+        _exact_metrics(clf.head, [(eval_x, eval_y)]) if eval_x is not None and ctx.cluster.is_chief else None
+    )
+    result = _result(
+        ctx, clf.head, history, t.baseline_epochs, learning_rate, time.perf_counter() - started, evaluated
+    )
+    result["feature_seconds"] = round(feature_seconds, 2)
+    _save(ctx, clf.model, "baseline", result, history)
+    return result
+
+
+def _candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
+    """Phase 2: fine-tune the top of the backbone on augmented images."""
+    t = ctx.config.train
+    started = time.perf_counter()
+    unfrozen = model.unfreeze_top(clf, ctx.config.model.backbone, t.unfreeze)
+    learning_rate = ctx.learning_rate(t.finetune_learning_rate or t.baseline_learning_rate / 10)
+    with ctx.placement.strategy.scope():
+        model.compile_model(clf.model, learning_rate, ctx.jit_compile)
+    ctx.say(
+        f"candidate: fine-tuning from layer {unfrozen['from_layer']} ({unfrozen['trainable_layers']} layers, "
+        f"{unfrozen['frozen_batchnorm']} BatchNorm layers kept frozen) at learning rate {learning_rate:g}"
+    )
+    size = ctx.inputs.image_size
+
+    def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
+        return data.image_dataset(
+            ctx.inputs.train_files,
+            size,
+            ictx.get_per_replica_batch_size(ctx.global_batch),
+            shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
+            training=True,
+            repeat=True,
+            augment=t.augment,
+            shuffle_buffer=t.shuffle_buffer,
+            seed=t.seed + ictx.input_pipeline_id,
+        )
+
+    def eval_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
+        return data.image_dataset(
+            ctx.inputs.eval_files,
+            size,
+            ictx.get_per_replica_batch_size(ctx.global_batch),
+            shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
+            repeat=ctx.cluster.multi_worker,
+        )
+
+    history, _ = _fit(
+        ctx, clf.model, "candidate", train_fn, eval_fn if ctx.inputs.eval_files else None, t.finetune_epochs
+    )
+    evaluated = None
+    if ctx.inputs.eval_files and ctx.cluster.is_chief:
+        evaluated = _exact_metrics(clf.model, data.image_dataset(ctx.inputs.eval_files, size, 64))
+    result = _result(
+        ctx, clf.model, history, t.finetune_epochs, learning_rate, time.perf_counter() - started, evaluated
+    )
+    result["unfrozen"] = unfrozen
+    _save(ctx, clf.model, "candidate", result, history)
+    return result
+
+
+def _features(
+    ctx: Run, clf: model.Classifier, files: list[str], shard: data.Shard
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled backbone features of this worker's shard of ``files``, computed once.
+
+    Each worker extracts its own shard with plain (non-collective) calls of the extractor;
+    on a TPU, ``predict`` spreads the work over the cores instead.
+    """
+    dataset = data.image_dataset(
+        files, ctx.inputs.image_size, max(64, ctx.config.train.batch_size), shard=shard
+    )
+    if ctx.placement.device == "tpu":
+        features = clf.extractor.predict(dataset.map(lambda x, y: x), verbose=0)
+        labels = np.concatenate([y.numpy() for _, y in dataset])
+        return features.astype(np.float32), labels
+    extract = tf.function(lambda x: tf.cast(clf.extractor(x, training=False), tf.float32))
+    parts, labels = [], []
+    for images, batch_labels in dataset:
+        parts.append(extract(images).numpy())
+        labels.append(batch_labels.numpy())
+    return np.concatenate(parts), np.concatenate(labels)
+
+
+class _Timer(tf_keras.callbacks.Callback):
+    """Seconds spent training, validation excluded (for images/s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_seconds = 0.0
+        self._epoch_started = 0.0
+        self._test_seconds = 0.0
+        self._test_started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._epoch_started, self._test_seconds = time.perf_counter(), 0.0
+
+    def on_test_begin(self, logs: Any = None) -> None:
+        self._test_started = time.perf_counter()
+
+    def on_test_end(self, logs: Any = None) -> None:
+        self._test_seconds += time.perf_counter() - self._test_started
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.train_seconds += time.perf_counter() - self._epoch_started - self._test_seconds
+
+
+def _fit(
+    ctx: Run, keras_model: Any, phase: str, train_fn: Any, eval_fn: Any, epochs: int
+) -> tuple[dict, float]:
+    """``fit`` on distributed datasets with backup, TensorBoard and timing callbacks; on
+    several workers validation repeats, so every worker runs the same number of steps."""
+    t = ctx.config.train
+    strategy = ctx.placement.strategy
+    backup_dir = storage.join(ctx.out, "backup", phase)
+    if tf.io.gfile.exists(storage.join(backup_dir, "chief", "checkpoint")):
+        ctx.say(f"{phase}: resuming from the backup in {backup_dir}")
+    timer = _Timer()
+    callbacks = [
+        tf_keras.callbacks.BackupAndRestore(backup_dir, save_freq=t.backup_every_steps or "epoch"),
+        tf_keras.callbacks.TensorBoard(storage.join(ctx.out, "logs", phase), profile_batch=0),
+        timer,
+    ]
+    if t.early_stopping_patience and eval_fn is not None:
+        callbacks.append(
+            tf_keras.callbacks.EarlyStopping(
+                "val_loss", patience=t.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    validation, validation_steps = None, None
+    if eval_fn is not None:
+        validation = strategy.distribute_datasets_from_function(eval_fn)
+        if ctx.cluster.multi_worker:
+            validation_steps = max(1, math.ceil(ctx.inputs.num_eval / ctx.global_batch))
+    history = keras_model.fit(
+        strategy.distribute_datasets_from_function(train_fn),
+        epochs=epochs,
+        steps_per_epoch=ctx.steps_per_epoch,
+        validation_data=validation,
+        validation_steps=validation_steps,
+        callbacks=callbacks,
+        verbose=ctx.verbose,
+    )
+    return {k: [float(v) for v in values] for k, values in history.history.items()}, timer.train_seconds
+
+
+def _exact_metrics(keras_model: Any, batches: Any) -> dict[str, float]:
+    """Loss and accuracy over every eval example exactly once (chief only: plain calls,
+    no collectives, so no example is repeated or dropped as in distributed validation)."""
+    predict = tf.function(lambda x: keras_model(x, training=False))
+    total, loss, correct = 0, 0.0, 0
+    for x, y in batches:
+        for start in range(0, len(y), 256):
+            probs = predict(x[start : start + 256]).numpy().astype(np.float64)
+            labels = np.asarray(y[start : start + 256])
+            picked = probs[np.arange(len(labels)), labels]
+            loss += float(-np.log(np.clip(picked, 1e-7, 1.0)).sum())
+            correct += int((probs.argmax(axis=1) == labels).sum())
+            total += len(labels)
+    return {"loss": round(loss / total, 6), "accuracy": round(correct / total, 6), "examples": total}
+
+
+def _result(
+    ctx: Run,
+    keras_model: Any,
+    history: dict,
+    epochs: int,
+    learning_rate: float,
+    seconds: float,
+    evaluated: Any,
+) -> dict[str, Any]:
+    steps = int(keras_model.optimizer.iterations.numpy())
+    epochs_run = len(history.get("loss", []))
+    last = {k: v[-1] for k, v in history.items() if v}
+    return {
+        "epochs": epochs,
+        "epochs_run": epochs_run,
+        "steps": steps,
+        "planned_steps": epochs * ctx.steps_per_epoch,
+        "steps_per_epoch": ctx.steps_per_epoch,
+        "learning_rate": learning_rate,
+        "train": {"loss": last.get("loss"), "accuracy": last.get("accuracy")},
+        "eval": evaluated,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(
+            epochs_run * ctx.steps_per_epoch * ctx.global_batch / max(seconds, 1e-9), 1
+        ),
+    }
+
+
+def _save(ctx: Run, keras_model: Any, phase: str, result: dict, history: dict) -> None:
+    """Every worker saves (variables that sync on read need all of them); only the chief's
+    copy is published, others are deleted. ``result.json`` goes last: it marks the phase done."""
+    tmp = tempfile.mkdtemp(prefix=f"finetune-{phase}-")
+    try:
+        path = os.path.join(tmp, "model.keras")
+        keras_model.save(path)
+        digest = weights_digest(keras_model)
+        tag = "[train]" if ctx.cluster.is_chief else f"[train {ctx.cluster.describe()}]"
+        print(f"{tag} {phase}: weights sha256 {digest}", flush=True)
+        if ctx.cluster.is_chief:
+            target = storage.join(ctx.out, phase)
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(target, "model.keras"), f.read())
+            storage.write_text(storage.join(target, "history.json"), json.dumps(history, indent=2) + "\n")
+            result["weights_sha256"] = digest
+            storage.write_text(storage.join(target, "result.json"), json.dumps(result, indent=2) + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def weights_digest(keras_model: Any) -> str:
+    """SHA-256 of every weight's bytes: equal on all workers when they agree exactly."""
+    digest = hashlib.sha256()
+    for weight in keras_model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
