@@ -179,6 +179,7 @@ def run(config: Config) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 2),
     }
     if cluster.is_chief:
+        storage.delete_tree(storage.join(ctx.out, "backup"))  # both phases are done
         storage.write_text(storage.join(ctx.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
         ctx.say(
             f"done in {summary['seconds']} s: baseline eval accuracy {_fmt(baseline['eval'])}, "
@@ -247,10 +248,9 @@ def _baseline_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     evaluated = (
         _exact_metrics(clf.head, [(eval_x, eval_y)]) if eval_x is not None and ctx.cluster.is_chief else None
     )
-    result = _result(
-        ctx, clf.head, history, t.baseline_epochs, learning_rate, time.perf_counter() - started, evaluated
-    )
+    result = _result(ctx, clf.head, history, t.baseline_epochs, learning_rate, started, evaluated)
     result["feature_seconds"] = round(feature_seconds, 2)
+    result["images_per_second"] = _rate(ctx, result, feature_seconds + train_seconds)
     _save(ctx, clf.model, "baseline", result, history)
     return result
 
@@ -291,15 +291,14 @@ def _candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
             repeat=ctx.cluster.multi_worker,
         )
 
-    history, _ = _fit(
+    history, train_seconds = _fit(
         ctx, clf.model, "candidate", train_fn, eval_fn if ctx.inputs.eval_files else None, t.finetune_epochs
     )
     evaluated = None
     if ctx.inputs.eval_files and ctx.cluster.is_chief:
         evaluated = _exact_metrics(clf.model, data.image_dataset(ctx.inputs.eval_files, size, 64))
-    result = _result(
-        ctx, clf.model, history, t.finetune_epochs, learning_rate, time.perf_counter() - started, evaluated
-    )
+    result = _result(ctx, clf.model, history, t.finetune_epochs, learning_rate, started, evaluated)
+    result["images_per_second"] = _rate(ctx, result, train_seconds)
     result["unfrozen"] = unfrozen
     _save(ctx, clf.model, "candidate", result, history)
     return result
@@ -412,26 +411,31 @@ def _result(
     history: dict,
     epochs: int,
     learning_rate: float,
-    seconds: float,
+    started: float,
     evaluated: Any,
 ) -> dict[str, Any]:
-    steps = int(keras_model.optimizer.iterations.numpy())
+    """One phase's summary; ``images_per_second`` is filled in by the phase (see _rate)."""
     epochs_run = len(history.get("loss", []))
     last = {k: v[-1] for k, v in history.items() if v}
     return {
         "epochs": epochs,
         "epochs_run": epochs_run,
-        "steps": steps,
+        "steps": int(keras_model.optimizer.iterations.numpy()),
         "planned_steps": epochs * ctx.steps_per_epoch,
         "steps_per_epoch": ctx.steps_per_epoch,
         "learning_rate": learning_rate,
         "train": {"loss": last.get("loss"), "accuracy": last.get("accuracy")},
         "eval": evaluated,
-        "seconds": round(seconds, 2),
-        "images_per_second": round(
-            epochs_run * ctx.steps_per_epoch * ctx.global_batch / max(seconds, 1e-9), 1
-        ),
+        "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _rate(ctx: Run, result: dict[str, Any], seconds: float) -> float:
+    """Images trained per second of this run's training work: the epochs run times the
+    global batches, over the fit time without validation (plus, for the baseline, the
+    feature extraction)."""
+    images = result["epochs_run"] * ctx.steps_per_epoch * ctx.global_batch
+    return round(images / max(seconds, 1e-9), 1)
 
 
 def _save(ctx: Run, keras_model: Any, phase: str, result: dict, history: dict) -> None:
