@@ -114,3 +114,29 @@ def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulat
 def gcs_prefix(gcs_emulator: GcsEmulator) -> str:
     """A fresh ``gs://test-bucket/<uuid>`` prefix (no trailing slash) for one test."""
     return gcs_emulator.uri(uuid.uuid4().hex)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A run directory whose ``preprocess/`` holds 90 colour images at 32 px (70% train,
+    30% eval, 2 shards each), made once per session by the real preprocessing stage."""
+    from components.preprocess import stage
+    from pipeline.config import load_config
+    from tests.train_helpers import TINY_SIZE, make_colour_images
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_colour_images(str(root / "images"))
+    config = load_config(
+        None,
+        [
+            f"data.source={root / 'images'}",
+            f"run_dir={root / 'run'}",
+            f"model.image_size={TINY_SIZE}",
+            "data.split={train: 0.7, eval: 0.3, test: 0.0}",
+            "preprocess.num_workers=1",
+            "preprocess.num_shards=2",
+        ],
+    )
+    summary = stage.run(config)
+    assert summary["records"]["train"] > 40 and summary["records"]["eval"] > 15, summary["records"]
+    return str(root / "run")
