@@ -362,6 +362,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads `true` as a bool: auto|true|false options
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
             return str(value)
     raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")

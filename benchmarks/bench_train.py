@@ -1,0 +1,499 @@
+"""Training throughput: the training stage's ways of fitting against plain tf_keras fits.
+
+The beans photos (split folders) are preprocessed once, at ``--size`` px, into a temporary
+run directory; the train split's records are also decoded once into a numpy array. Every
+model is MobileNetV2 (``--alpha``, the real ImageNet weights file ``--weights``) with the
+stage's head, batch ``--batch-size`` per replica, float32, no XLA (the stage's choices on a
+CPU). Measured, each pair side by side in the same round (this machine's speed drifts by
+tens of percent over minutes), ratios being the median of the per-round ratios:
+
+1. Candidate throughput. The candidate phase as the stage runs it (``model.unfreeze_top``,
+   ``model.compile_model``, ``fit`` on ``strategy.distribute_datasets_from_function`` of the
+   stage's TFRecord input, with its BackupAndRestore and TensorBoard callbacks), with the
+   configured augmentation and without it, against a plain ``fit`` of the same model (same
+   trainable layers, same compile) on the numpy images. The target figure is the one without
+   augmentation: the plain fit does none, so only then is the work the same.
+2. Input pipeline. The stage's fit fed from TFRecords (``data.image_dataset``, training,
+   repeating; without and with augmentation) against the same fit fed one fixed in-memory
+   batch (``Dataset.from_tensors(...).repeat()``): the step time the input adds.
+3. Baseline. Cached features (extract the frozen backbone's features once, then train the
+   head ``--baseline-epochs`` epochs on them) against the frozen classifier fitted the same
+   epochs on the images (the backbone runs every epoch).
+4. Two workers. ``python -m pipeline.cli train`` as two processes on loopback (TF_CONFIG,
+   MultiWorkerMirroredStrategy) against one process, same configuration, few epochs:
+   efficiency = candidate images/s of two workers / (2 x that of one), from the summaries
+   (whose rate includes the first epoch). Both workers must end with identical weights. On a
+   2-core machine the two processes share the cores one process already uses, so this is a
+   correctness set-up: reported, no target.
+
+Each in-process model is built and traced once (a short warm-up fit). A round then fits each
+for ``--epochs`` epochs and times epochs 2..N (epoch-end to epoch-end, so backups and other
+per-epoch work count), and times both baseline variants whole. The variants' order rotates
+from round to round.
+
+Usage: python benchmarks/bench_train.py --beans ../shared/datasets/beans \\
+    --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras  # noqa: E402
+
+from components.preprocess import stage as preprocess_stage  # noqa: E402
+from components.train import data, distribute, model  # noqa: E402
+from pipeline.config import Config, load_config, to_yaml  # noqa: E402
+
+
+class EpochClock(tf_keras.callbacks.Callback):
+    """Wall time at the start of training and at each epoch end (put it last, so each
+    epoch's time includes the other callbacks' epoch-end work)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ends: list[float] = []
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.ends = [time.perf_counter()]
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.ends.append(time.perf_counter())
+
+    def steady_seconds(self) -> float:
+        """Epochs 2..N: the first holds the iterator's start-up (and, unwarmed, tracing)."""
+        return self.ends[-1] - self.ends[1]
+
+
+class Bench:
+    """The data, configuration and strategy shared by every in-process measurement."""
+
+    def __init__(self, cfg: Config, run_dir: str, steps: int) -> None:
+        self.cfg = cfg
+        self.prep = os.path.join(run_dir, "preprocess")
+        self.scratch = os.path.join(run_dir, "scratch")
+        summary = json.load(open(os.path.join(self.prep, "summary.json")))
+        self.classes = len(summary["classes"])
+        self.size = cfg.model.image_size
+        self.batch = cfg.train.batch_size
+        self.files = data.record_files(self.prep, "train")
+        self.steps = steps
+        self.placement = distribute.create_strategy(distribute.Cluster())
+        self.jit = distribute.use_xla(cfg, self.placement.device)
+        self.learning_rate = cfg.train.finetune_learning_rate or cfg.train.baseline_learning_rate / 10
+        images, labels = [], []
+        for x, y in data.image_dataset(self.files, self.size, 256):  # once, outside any timing
+            images.append(x.numpy())
+            labels.append(y.numpy())
+        self.x, self.y = np.concatenate(images), np.concatenate(labels)
+        if self.steps * self.batch > len(self.y):
+            raise SystemExit(f"--steps-per-epoch {steps} x batch {self.batch} > {len(self.y)} train images")
+        self.fits = 0
+        self.unfrozen: dict[str, Any] = {}
+
+    def classifier(self, phase: str) -> model.Classifier:
+        """A fresh classifier compiled as the stage compiles it for ``phase``: ``candidate``
+        (top of the backbone unfrozen, ``model`` compiled), ``head`` (frozen, ``head``
+        compiled: the cached-feature baseline) or ``frozen`` (frozen, ``model`` compiled)."""
+        m, t = self.cfg.model, self.cfg.train
+        with self.placement.strategy.scope():
+            clf = model.build_classifier(
+                m.backbone,
+                self.size,
+                self.classes,
+                weights=m.weights,
+                alpha=m.alpha,
+                dropout=m.dropout,
+                seed=t.seed,
+                name=self.cfg.name,
+            )
+            if phase == "candidate":
+                self.unfrozen = model.unfreeze_top(clf, m.backbone, t.unfreeze)
+                model.compile_model(clf.model, self.learning_rate, self.jit)
+            else:
+                keras_model = clf.head if phase == "head" else clf.model
+                model.compile_model(keras_model, t.baseline_learning_rate, self.jit)
+        return clf
+
+    def records_fn(self, augment: bool) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+        """The candidate phase's ``train_fn`` (components/train/stage.py), augmentation optional."""
+        t = self.cfg.train
+
+        def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
+            return data.image_dataset(
+                self.files,
+                self.size,
+                ictx.get_per_replica_batch_size(self.batch),
+                shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
+                training=True,
+                repeat=True,
+                augment=t.augment if augment else None,
+                shuffle_buffer=t.shuffle_buffer,
+                seed=t.seed + ictx.input_pipeline_id,
+            )
+
+        return train_fn
+
+    def synthetic_fn(self, ictx: tf.distribute.InputContext) -> tf.data.Dataset:
+        """One fixed batch of real images, in memory, repeated: an input that costs nothing."""
+        batch = (tf.constant(self.x[: self.batch]), tf.constant(self.y[: self.batch]))
+        return tf.data.Dataset.from_tensors(batch).repeat()
+
+    def stage_fit(self, keras_model: Any, dataset_fn: Callable, epochs: int, steps: int) -> EpochClock:
+        """``fit`` as the stage's ``_fit`` calls it (validation aside: the stage times without it)."""
+        self.fits += 1
+        out = os.path.join(self.scratch, f"fit-{self.fits}")
+        clock = EpochClock()
+        callbacks = [
+            tf_keras.callbacks.BackupAndRestore(os.path.join(out, "backup"), save_freq="epoch"),
+            tf_keras.callbacks.TensorBoard(os.path.join(out, "logs"), profile_batch=0),
+            clock,
+        ]
+        strategy = self.placement.strategy
+        keras_model.fit(
+            strategy.distribute_datasets_from_function(dataset_fn),
+            epochs=epochs,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=0,
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        return clock
+
+    def plain_fit(self, keras_model: Any, epochs: int, steps: int) -> EpochClock:
+        """A plain ``fit`` on the numpy images (whole batches only, as the stage's epochs)."""
+        n = steps * self.batch
+        clock = EpochClock()
+        keras_model.fit(
+            self.x[:n],
+            self.y[:n],
+            batch_size=self.batch,
+            epochs=epochs,
+            shuffle=True,
+            verbose=0,
+            callbacks=[clock],
+        )
+        return clock
+
+
+# Candidate-phase variants (measurements 1 and 2): name -> how one fit runs.
+VARIANTS: dict[str, Callable[[Bench, Any, int, int], EpochClock]] = {
+    "stage_augment": lambda b, m, e, s: b.stage_fit(m, b.records_fn(True), e, s),
+    "stage": lambda b, m, e, s: b.stage_fit(m, b.records_fn(False), e, s),
+    "plain_numpy": lambda b, m, e, s: b.plain_fit(m, e, s),
+    "stage_synthetic": lambda b, m, e, s: b.stage_fit(m, b.synthetic_fn, e, s),
+}
+
+
+def extract_features(bench: Bench, extract: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The baseline phase's feature pass (stage._features): each train image once."""
+    parts, labels = [], []
+    for images, batch_labels in data.image_dataset(bench.files, bench.size, max(64, bench.batch)):
+        parts.append(extract(images).numpy())
+        labels.append(batch_labels.numpy())
+    return np.concatenate(parts), np.concatenate(labels)
+
+
+def baseline_round(bench: Bench, extract: Any, head: Any, frozen: Any, epochs: int) -> dict[str, float]:
+    """Seconds of the cached-feature baseline (features once + ``head`` on them) and of the
+    ``frozen`` classifier fitted on the images (same epochs, steps and batch), back to back."""
+    t = bench.cfg.train
+    started = time.perf_counter()
+    features, labels = extract_features(bench, extract)
+    feature_seconds = time.perf_counter() - started
+
+    def head_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = ictx.get_per_replica_batch_size(bench.batch)
+        return data.feature_dataset(features, labels, batch, training=True, repeat=True, seed=t.seed)
+
+    bench.stage_fit(head, head_fn, epochs, bench.steps)
+    cached_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    bench.stage_fit(frozen, bench.records_fn(False), epochs, bench.steps)
+    frozen_seconds = time.perf_counter() - started
+    return {
+        "baseline_cached_seconds": cached_seconds,
+        "baseline_feature_seconds": feature_seconds,
+        "baseline_frozen_seconds": frozen_seconds,
+    }
+
+
+def in_process(bench: Bench, rounds: int, epochs: int, baseline_epochs: int) -> list[dict[str, float]]:
+    """Measurements 1-3: builds and warms every model, then runs the rounds."""
+    models = {name: bench.classifier("candidate").model for name in VARIANTS}
+    cached, frozen = bench.classifier("head"), bench.classifier("frozen").model
+    extract = tf.function(lambda x: tf.cast(cached.extractor(x, training=False), tf.float32))
+    print("[bench] warming up (tracing every model)", flush=True)
+    for name, run in VARIANTS.items():
+        run(bench, models[name], 1, 2)
+    baseline_round(bench, extract, cached.head, frozen, 1)
+    results = []
+    names = list(VARIANTS)
+    for i in range(rounds):
+        rates: dict[str, float] = {}
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            clock = VARIANTS[name](bench, models[name], epochs, bench.steps)
+            rates[name] = (epochs - 1) * bench.steps * bench.batch / clock.steady_seconds()
+        rates.update(baseline_round(bench, extract, cached.head, frozen, baseline_epochs))
+        print(
+            f"[bench] round {i + 1}/{rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()),
+            flush=True,
+        )
+        results.append(rates)
+    return results
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def cli_train(config_path: str, run_dir: str, workers: int, timeout: float) -> dict[str, Any]:
+    """``python -m pipeline.cli train`` in ``workers`` processes (TF_CONFIG when more than
+    one); returns the chief's summary, the wall time and every worker's candidate weights digest."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update({"CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"})
+    cluster = {"worker": [f"localhost:{p}" for p in free_ports(workers)]}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+        "--config",
+        config_path,
+        "--set",
+        f"run_dir={run_dir}",
+    ]
+    procs, logs = [], []
+    started = time.perf_counter()
+    for i in range(workers):
+        worker_env = dict(env)
+        if workers > 1:
+            worker_env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        logs.append(os.path.join(run_dir, f"worker-{i}.log"))
+        with open(logs[-1], "w") as log:
+            procs.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT)
+            )
+    try:
+        codes = [p.wait(timeout=max(1.0, timeout - (time.perf_counter() - started))) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise SystemExit(f"{workers}-worker training ran past {timeout:.0f} s; logs: {logs}") from None
+    wall = time.perf_counter() - started
+    texts = [open(path).read() for path in logs]
+    if any(codes):
+        raise SystemExit(
+            f"{workers}-worker training failed (exit codes {codes}):\n"
+            + texts[codes.index(max(codes))][-3000:]
+        )
+    digests = [re.findall(r"candidate: weights sha256 ([0-9a-f]+)", text) for text in texts]
+    summary = json.load(open(os.path.join(run_dir, "train", "summary.json")))
+    return {"summary": summary, "wall": wall, "digests": [d[-1] if d else None for d in digests]}
+
+
+def multi_worker(cfg: Config, work: str, prep: str, rounds: int, timeout: float) -> dict[str, Any]:
+    """Measurement 4: one CLI process against two, back to back, ``rounds`` times."""
+    config_path = os.path.join(work, "multi_worker.yaml")
+    with open(config_path, "w") as f:
+        f.write(to_yaml(cfg))
+    runs = []
+    for i in range(rounds):
+        run = {}
+        for workers in (1, 2):
+            run_dir = os.path.join(work, f"cli-{workers}-{i}")
+            shutil.copytree(prep, os.path.join(run_dir, "preprocess"))
+            print(f"[bench] round {i + 1}/{rounds}: CLI training with {workers} worker(s)", flush=True)
+            run[workers] = cli_train(config_path, run_dir, workers, timeout)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        runs.append(run)
+
+    def med(fn: Callable[[dict], float]) -> float:
+        return statistics.median(fn(r) for r in runs)
+
+    def ips(r: dict, w: int) -> float:
+        return r[w]["summary"]["candidate"]["images_per_second"]
+
+    one, two = runs[-1][1]["summary"], runs[-1][2]["summary"]
+    return {
+        "baseline_epochs": cfg.train.baseline_epochs,
+        "finetune_epochs": cfg.train.finetune_epochs,
+        "one_worker": {
+            "strategy": one["strategy"],
+            "global_batch_size": one["global_batch_size"],
+            "candidate_images_per_second": med(lambda r: ips(r, 1)),
+            "candidate_steps": one["candidate"]["steps"],
+            "wall_seconds": round(med(lambda r: r[1]["wall"]), 2),
+        },
+        "two_workers": {
+            "strategy": two["strategy"],
+            "global_batch_size": two["global_batch_size"],
+            "candidate_images_per_second": med(lambda r: ips(r, 2)),
+            "candidate_steps": two["candidate"]["steps"],
+            "wall_seconds": round(med(lambda r: r[2]["wall"]), 2),
+            "workers_agree": all(
+                len(set(r[2]["digests"])) == 1 and None not in r[2]["digests"] for r in runs
+            ),
+        },
+        "efficiency": round(med(lambda r: ips(r, 2) / (2 * ips(r, 1))), 3),
+        "efficiency_wall": round(med(lambda r: r[1]["wall"] / (2 * r[2]["wall"])), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--beans", required=True, help="the beans photos (split folders)")
+    parser.add_argument("--weights", required=True, help="MobileNetV2 ImageNet weights file (no top)")
+    parser.add_argument("--alpha", type=float, default=0.35)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="candidate fits per round; epoch 1 is not timed"
+    )
+    parser.add_argument(
+        "--steps-per-epoch", type=int, default=0, help="0: the whole train split, as the stage"
+    )
+    parser.add_argument("--baseline-epochs", type=int, default=5)
+    parser.add_argument("--mw-rounds", type=int, default=1, help="rounds of the CLI runs (0: skip them)")
+    parser.add_argument("--mw-baseline-epochs", type=int, default=1)
+    parser.add_argument("--mw-finetune-epochs", type=int, default=3)
+    parser.add_argument("--mw-timeout", type=float, default=300.0, help="seconds per CLI run")
+    parser.add_argument("--out", default="runs/bench/train.json")
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first is not timed)")
+
+    started = time.perf_counter()
+    work = tempfile.mkdtemp(prefix="bench-train-")
+    try:
+        run_dir = os.path.join(work, "run")
+        cfg = load_config(
+            None,
+            [
+                f"data.source={os.path.abspath(args.beans)}",
+                f"run_dir={run_dir}",
+                f"model.image_size={args.size}",
+                f"model.alpha={args.alpha}",
+                f"model.weights={os.path.abspath(args.weights)}",
+                "preprocess.num_workers=1",
+                f"train.batch_size={args.batch_size}",
+            ],
+        )
+        print(f"[bench] preprocessing {args.beans} at {args.size} px into {run_dir}", flush=True)
+        preprocess_stage.run(cfg)
+        num_train = json.load(open(os.path.join(run_dir, "preprocess", "summary.json")))["records"]["train"]
+        bench = Bench(cfg, run_dir, args.steps_per_epoch or num_train // args.batch_size)
+        rounds = in_process(bench, args.rounds, args.epochs, args.baseline_epochs)
+
+        def med(key: str) -> float:
+            return statistics.median(r[key] for r in rounds)
+
+        def ratio(fn: Callable[[dict[str, float]], float]) -> float:  # median of per-round ratios
+            return round(statistics.median(fn(r) for r in rounds), 3)
+
+        def step_ms(name: str) -> float:
+            return round(1000 * bench.batch / med(name), 1)
+
+        result: dict[str, Any] = {
+            "backbone": f"{cfg.model.backbone} alpha {cfg.model.alpha}",
+            "weights": os.path.basename(args.weights),
+            "image_size": args.size,
+            "batch_size": args.batch_size,
+            "train_images": num_train,
+            "steps_per_epoch": bench.steps,
+            "cpu_cores": os.cpu_count(),
+            "device": bench.placement.device,
+            "xla": bench.jit,
+            "rounds": args.rounds,
+            "timed_epochs_per_fit": args.epochs - 1,
+            "candidate": {
+                "unfrozen": bench.unfrozen,
+                "stage_images_per_second": round(med("stage"), 1),
+                "stage_augment_images_per_second": round(med("stage_augment"), 1),
+                "plain_numpy_images_per_second": round(med("plain_numpy"), 1),
+                "stage_vs_plain": ratio(lambda r: r["stage"] / r["plain_numpy"]),
+                "stage_augment_vs_plain": ratio(lambda r: r["stage_augment"] / r["plain_numpy"]),
+            },
+            "input_pipeline": {
+                "tfrecord_step_ms": step_ms("stage"),
+                "tfrecord_augment_step_ms": step_ms("stage_augment"),
+                "synthetic_step_ms": step_ms("stage_synthetic"),
+                "tfrecord_vs_synthetic": ratio(lambda r: r["stage_synthetic"] / r["stage"]),
+                "tfrecord_augment_vs_synthetic": ratio(lambda r: r["stage_synthetic"] / r["stage_augment"]),
+            },
+            "baseline": {
+                "epochs": args.baseline_epochs,
+                "cached_seconds": round(med("baseline_cached_seconds"), 2),
+                "cached_feature_seconds": round(med("baseline_feature_seconds"), 2),
+                "frozen_backbone_seconds": round(med("baseline_frozen_seconds"), 2),
+                "cached_speedup": ratio(
+                    lambda r: r["baseline_frozen_seconds"] / r["baseline_cached_seconds"]
+                ),
+            },
+        }
+        if args.mw_rounds:
+            mw_cfg = load_config(
+                None,
+                [
+                    f"data.source={cfg.data.source}",
+                    f"run_dir={os.path.join(work, 'cli')}",  # each run sets its own
+                    f"model.image_size={args.size}",
+                    f"model.alpha={args.alpha}",
+                    f"model.weights={cfg.model.weights}",
+                    f"train.batch_size={args.batch_size}",
+                    f"train.baseline_epochs={args.mw_baseline_epochs}",
+                    f"train.finetune_epochs={args.mw_finetune_epochs}",
+                ],
+            )
+            result["multi_worker"] = multi_worker(
+                mw_cfg, work, os.path.join(run_dir, "preprocess"), args.mw_rounds, args.mw_timeout
+            )
+        result["per_round"] = [{k: round(v, 2) for k, v in r.items()} for r in rounds]
+        result["targets"] = {
+            "candidate stage_vs_plain >= 0.9 (no augmentation: the target figure)": (
+                result["candidate"]["stage_vs_plain"] >= 0.9
+            ),
+            "input tfrecord_vs_synthetic <= 1.1": result["input_pipeline"]["tfrecord_vs_synthetic"] <= 1.1,
+            "baseline cached_speedup >= 5": result["baseline"]["cached_speedup"] >= 5,
+        }
+        result["seconds"] = round(time.perf_counter() - started, 1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The training input pipeline on real TFRecords from the preprocessing stage."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from components.train import data
+from pipeline.config import AugmentConfig
+from pipeline.errors import StageError
+from tests.train_helpers import TINY_SIZE
+
+
+def _uris(files, shard, **kwargs):
+    """(label, pixel digest) of every example one shard yields."""
+    seen = []
+    for images, labels in data.image_dataset(files, TINY_SIZE, 7, shard=shard, **kwargs):
+        for image, label in zip(images.numpy(), labels.numpy(), strict=True):
+            seen.append((int(label), hashlib.sha256(image.tobytes()).hexdigest()))
+    return seen
+
+
+def test_shards_cover_every_record_once_by_file_and_by_record(tiny_prepared):
+    files = data.record_files(os.path.join(tiny_prepared, "preprocess"), "train")
+    assert len(files) == 2
+    everything = _uris(files, data.Shard())
+    assert len(everything) == len(set(everything)) > 40
+    for workers in (2, 3):  # 2 workers: one file each; 3 workers > 2 files: every third record
+        parts = [_uris(files, data.Shard(workers, i)) for i in range(workers)]
+        assert sorted(sum(parts, [])) == sorted(everything)
+        assert all(parts)
+
+
+def test_training_batches_are_full_shuffled_and_repeat(tiny_prepared):
+    files = data.record_files(os.path.join(tiny_prepared, "preprocess"), "train")
+    dataset = data.image_dataset(files, TINY_SIZE, 8, training=True, repeat=True, seed=1)
+    batches = list(dataset.take(20))
+    assert all(x.shape == (8, TINY_SIZE, TINY_SIZE, 3) and x.dtype == tf.float32 for x, _ in batches)
+    pixels = np.concatenate([x.numpy() for x, _ in batches])
+    assert 0.0 <= pixels.min() and pixels.max() <= 255.0 and pixels.std() > 10
+
+
+def test_missing_split_is_a_clear_error(tmp_path):
+    with pytest.raises(StageError, match="run `finetune preprocess`"):
+        data.record_files(str(tmp_path), "train")
+
+
+def test_no_augmentation_is_the_identity_and_flip_only_mirrors():
+    images = tf.random.uniform([6, 16, 16, 3], 0, 255, seed=3)
+    same = data.augment_batch(images, AugmentConfig(flip=False, rotation=0.0, crop=0.0))
+    np.testing.assert_array_equal(same.numpy(), images.numpy())
+    flipped = data.augment_batch(images, AugmentConfig(flip=True, rotation=0.0, crop=0.0)).numpy()
+    for out, original in zip(flipped, images.numpy(), strict=True):
+        assert np.array_equal(out, original) or np.array_equal(out, original[:, ::-1])
+
+
+def test_rotation_and_crop_warp_each_image_but_keep_shape_and_range():
+    images = tf.random.uniform([8, 24, 24, 3], 0, 255, seed=4)
+    out = data.augment_batch(images, AugmentConfig(flip=False, rotation=0.1, crop=0.3)).numpy()
+    assert out.shape == (8, 24, 24, 3)
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    changed = [not np.allclose(a, b) for a, b in zip(out, images.numpy(), strict=True)]
+    assert sum(changed) >= 7  # rotation and zoom are continuous: essentially never the identity
+    # Zooming into a constant image leaves it constant (reflection fills the edges).
+    flat = tf.fill([2, 24, 24, 3], 100.0)
+    np.testing.assert_allclose(data.augment_batch(flat, AugmentConfig(rotation=0.1, crop=0.3)).numpy(), 100.0)

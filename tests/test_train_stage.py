@@ -1,0 +1,106 @@
+"""The training stage in one process: outputs, the cached-feature baseline, resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tf_keras
+
+from components.train import data, stage
+from components.train import model as _registers_custom_layers  # noqa: F401
+from pipeline.errors import StageError
+from tests.train_helpers import TINY_SIZE, copy_prepared, train_config
+
+
+def _load(path: str):
+    return tf_keras.models.load_model(path)
+
+
+def _eval_images(run_dir: str):
+    files = data.record_files(os.path.join(run_dir, "preprocess"), "eval")
+    batches = list(data.image_dataset(files, TINY_SIZE, 64))
+    return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches])
+
+
+def test_trains_both_phases_and_the_cached_baseline_equals_the_assembled_model(
+    tiny_prepared, tmp_path, capsys
+):
+    run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
+    summary = stage.run(train_config(run_dir))
+    out = os.path.join(run_dir, "train")
+    assert sorted(os.listdir(out)) == ["baseline", "candidate", "config.yaml", "logs", "summary.json"]
+    for phase in ("baseline", "candidate"):
+        assert sorted(os.listdir(os.path.join(out, phase))) == ["history.json", "model.keras", "result.json"]
+        assert os.listdir(os.path.join(out, "logs", phase, "train"))
+        result = summary[phase]
+        assert result["steps"] == result["planned_steps"] == result["epochs"] * result["steps_per_epoch"]
+        assert result["eval"]["examples"] == summary["records"]["eval"] == 27
+        assert result["images_per_second"] > 0
+    assert (summary["strategy"], summary["replicas"], summary["global_batch_size"]) == ("default", 1, 8)
+    assert summary["baseline"]["steps_per_epoch"] == 63 // 8
+    assert json.loads(open(os.path.join(out, "summary.json")).read()) == summary
+    assert "candidate: fine-tuning from layer block_13_expand" in capsys.readouterr().out
+
+    # The baseline's eval metrics were computed by the head on cached features; the saved,
+    # assembled model (preprocess -> backbone -> pool -> head) must give the same on images.
+    baseline = _load(os.path.join(out, "baseline", "model.keras"))
+    images, labels = _eval_images(run_dir)
+    probs = baseline.predict(images, verbose=0)
+    features = tf_keras.Model(baseline.input, baseline.get_layer("pool").output).predict(images, verbose=0)
+    np.testing.assert_allclose(baseline.get_layer("head").predict(features, verbose=0), probs, atol=1e-6)
+    accuracy = float((probs.argmax(axis=1) == labels).mean())
+    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean())
+    assert accuracy == pytest.approx(summary["baseline"]["eval"]["accuracy"], abs=1e-6)
+    assert loss == pytest.approx(summary["baseline"]["eval"]["loss"], abs=1e-4)
+
+    # The candidate differs from the baseline only where it was allowed to train.
+    candidate = _load(os.path.join(out, "candidate", "model.keras"))
+    frozen = candidate.get_layer("backbone").get_layer("Conv1")
+    np.testing.assert_array_equal(
+        frozen.get_weights()[0], baseline.get_layer("backbone").get_layer("Conv1").get_weights()[0]
+    )
+    top = candidate.get_layer("backbone").get_layer("Conv_1")
+    assert not np.array_equal(
+        top.get_weights()[0], baseline.get_layer("backbone").get_layer("Conv_1").get_weights()[0]
+    )
+    assert not np.array_equal(candidate.get_layer("backbone").get_layer("Conv_1_bn").get_weights()[0], 0)
+    np.testing.assert_array_equal(
+        candidate.get_layer("backbone").get_layer("Conv_1_bn").get_weights()[2],  # moving mean: frozen
+        baseline.get_layer("backbone").get_layer("Conv_1_bn").get_weights()[2],
+    )
+
+
+def test_an_unfinished_run_resumes_and_a_finished_or_changed_one_starts_over(tiny_prepared, tmp_path, capsys):
+    run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
+    out = os.path.join(run_dir, "train")
+    first = stage.run(train_config(run_dir, "train.baseline_epochs=1"))
+    # Interrupted after the baseline: the summary and the candidate are not there yet.
+    os.remove(os.path.join(out, "summary.json"))
+    os.remove(os.path.join(out, "candidate", "result.json"))
+    resumed = stage.run(train_config(run_dir, "train.baseline_epochs=1"))
+    printed = capsys.readouterr().out
+    assert (
+        "resuming the unfinished run" in printed
+        and "baseline: already trained in this run directory" in printed
+    )
+    assert resumed["baseline"] == first["baseline"]
+    assert resumed["candidate"]["steps"] == resumed["candidate"]["planned_steps"]
+
+    again = stage.run(train_config(run_dir, "train.baseline_epochs=1"))
+    assert "replacing the finished run" in capsys.readouterr().out
+    assert again["baseline"]["steps"] == again["baseline"]["planned_steps"]
+
+    os.remove(os.path.join(out, "summary.json"))
+    stage.run(train_config(run_dir, "train.baseline_epochs=2"))
+    assert "had another configuration; starting over" in capsys.readouterr().out
+
+
+def test_missing_or_mismatched_preprocessing_fails_clearly(tiny_prepared, tmp_path):
+    with pytest.raises(StageError, match="run `finetune preprocess` with this config first"):
+        stage.read_inputs(train_config(str(tmp_path / "empty")))
+    run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
+    with pytest.raises(StageError, match="hold 32 px images but model.image_size resolves to 64"):
+        stage.read_inputs(train_config(run_dir, "model.image_size=64"))
