@@ -126,3 +126,17 @@ def compile_model(model: Any, learning_rate: float, jit_compile: bool) -> None:
         metrics=[tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
     )
+
+
+def local_copy(keras_model: Any) -> Any:
+    """A copy of ``keras_model`` outside any distribution strategy, with its current weights.
+
+    Under MultiWorkerMirroredStrategy, BatchNorm's moving statistics are sync-on-read
+    variables: reading them outside a replica context is an all-reduce across workers. A
+    plain call of the distributed model on one worker (and not the others) would therefore
+    hang or fail. Every worker calls this at the same point (the weight read is collective
+    and symmetric); afterwards each can run the copy alone, on any number of batches.
+    """
+    copy = tf_keras.models.clone_model(keras_model)
+    copy.set_weights(keras_model.get_weights())
+    return copy

@@ -221,9 +221,12 @@ def _baseline_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     started = time.perf_counter()
     shard = data.Shard(ctx.cluster.num_workers, ctx.cluster.worker_index)
     ctx.say(f"baseline: computing frozen {ctx.config.model.backbone} features once (cached for every epoch)")
-    train_x, train_y = _features(ctx, clf, ctx.inputs.train_files, shard)
+    extract = _feature_extractor(ctx, clf)
+    train_x, train_y = _features(ctx, extract, ctx.inputs.train_files, shard)
     eval_x, eval_y = (
-        _features(ctx, clf, ctx.inputs.eval_files, data.Shard()) if ctx.inputs.eval_files else (None, None)
+        _features(ctx, extract, ctx.inputs.eval_files, data.Shard())
+        if ctx.inputs.eval_files
+        else (None, None)
     )
     feature_seconds = time.perf_counter() - started
     ctx.say(f"baseline: {len(train_y)} train features in {feature_seconds:.1f} s; training the head")
@@ -295,8 +298,10 @@ def _candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
         ctx, clf.model, "candidate", train_fn, eval_fn if ctx.inputs.eval_files else None, t.finetune_epochs
     )
     evaluated = None
-    if ctx.inputs.eval_files and ctx.cluster.is_chief:
-        evaluated = _exact_metrics(clf.model, data.image_dataset(ctx.inputs.eval_files, size, 64))
+    if ctx.inputs.eval_files:
+        snapshot = model.local_copy(clf.model)  # on every worker: the weight read is collective
+        if ctx.cluster.is_chief:
+            evaluated = _exact_metrics(snapshot, data.image_dataset(ctx.inputs.eval_files, size, 64))
     result = _result(ctx, clf.model, history, t.finetune_epochs, learning_rate, started, evaluated)
     result["images_per_second"] = _rate(ctx, result, train_seconds)
     result["unfrozen"] = unfrozen
@@ -304,25 +309,29 @@ def _candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     return result
 
 
-def _features(
-    ctx: Run, clf: model.Classifier, files: list[str], shard: data.Shard
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled backbone features of this worker's shard of ``files``, computed once.
+def _feature_extractor(ctx: Run, clf: model.Classifier) -> Any:
+    """image batch -> float32 feature batch, runnable by this worker alone.
 
-    Each worker extracts its own shard with plain (non-collective) calls of the extractor;
-    on a TPU, ``predict`` spreads the work over the cores instead.
+    A local copy of the frozen extractor (plain calls of the distributed one would be
+    collective, see ``model.local_copy``); on a TPU, the distributed extractor's
+    ``predict`` spreads the work over the cores instead. Called on every worker.
     """
+    if ctx.placement.device == "tpu":
+        return lambda images: clf.extractor.predict(images, verbose=0).astype(np.float32)
+    local = model.local_copy(clf.model)
+    extractor = tf_keras.Model(local.input, local.get_layer("pool").output)
+    extract = tf.function(lambda x: tf.cast(extractor(x, training=False), tf.float32))
+    return lambda images: extract(images).numpy()
+
+
+def _features(ctx: Run, extract: Any, files: list[str], shard: data.Shard) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled backbone features and labels of this worker's shard of ``files``, computed once."""
     dataset = data.image_dataset(
         files, ctx.inputs.image_size, max(64, ctx.config.train.batch_size), shard=shard
     )
-    if ctx.placement.device == "tpu":
-        features = clf.extractor.predict(dataset.map(lambda x, y: x), verbose=0)
-        labels = np.concatenate([y.numpy() for _, y in dataset])
-        return features.astype(np.float32), labels
-    extract = tf.function(lambda x: tf.cast(clf.extractor(x, training=False), tf.float32))
     parts, labels = [], []
     for images, batch_labels in dataset:
-        parts.append(extract(images).numpy())
+        parts.append(extract(images))
         labels.append(batch_labels.numpy())
     return np.concatenate(parts), np.concatenate(labels)
 

@@ -1,0 +1,138 @@
+"""Two worker processes on loopback with a real TF_CONFIG: MultiWorkerMirroredStrategy.
+
+Each worker runs ``finetune train`` exactly as a pod of the Kubernetes Job would. Slow:
+two TensorFlow processes share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.train_helpers import TINY_SIZE, copy_prepared
+
+pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = [
+    "data.source=unused-by-training",
+    f"model.image_size={TINY_SIZE}",
+    "model.alpha=0.35",
+    "model.weights=none",
+    "train.batch_size=4",  # per replica: a global batch of 8 on two workers
+    "train.baseline_learning_rate=0.01",
+]
+
+
+def _ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _start(run_dir: str, logs: str, settings: list[str]) -> list[subprocess.Popen]:
+    cluster = {"worker": [f"localhost:{port}" for port in _ports(2)]}
+    procs = []
+    for index in range(2):
+        env = {
+            **os.environ,
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            "CUDA_VISIBLE_DEVICES": "",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        command = [sys.executable, "-m", "pipeline.cli", "train", f"--set=run_dir={run_dir}"]
+        command += [f"--set={s}" for s in SETTINGS + settings]
+        log = open(os.path.join(logs, f"worker{index}.log"), "a")
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], logs: str, timeout: float = 600) -> list[str]:
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    outputs = [open(os.path.join(logs, f"worker{i}.log")).read() for i in range(2)]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
+def _digests(output: str) -> dict[str, str]:
+    return dict(re.findall(r"\] (baseline|candidate): weights sha256 ([0-9a-f]{64})", output))
+
+
+def _published(run_dir: str) -> list[str]:
+    root = os.path.join(run_dir, "train")
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names)
+
+
+def test_two_workers_agree_on_the_weights_and_only_the_chief_writes(tiny_prepared, tmp_path):
+    run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
+    chief, worker = _wait(
+        _start(run_dir, str(tmp_path), ["train.baseline_epochs=2", "train.finetune_epochs=2"]), str(tmp_path)
+    )
+
+    assert "MultiWorkerMirroredStrategy (worker 1/2" in chief and "[train] " not in worker
+    chief_digests, worker_digests = _digests(chief), _digests(worker)
+    assert set(chief_digests) == {"baseline", "candidate"}
+    assert chief_digests == worker_digests  # bit-identical weights on both workers
+
+    summary = json.load(open(os.path.join(run_dir, "train", "summary.json")))
+    assert (summary["strategy"], summary["workers"], summary["replicas"], summary["global_batch_size"]) == (
+        "MultiWorkerMirroredStrategy",
+        2,
+        2,
+        8,
+    )
+    for phase in ("baseline", "candidate"):
+        assert (
+            summary[phase]["steps"] == summary[phase]["planned_steps"] == summary[phase]["epochs"] * (63 // 8)
+        )
+        assert summary[phase]["weights_sha256"] == chief_digests[phase]
+        assert summary[phase]["eval"]["examples"] == 27  # exact evaluation: every eval image once
+    files = _published(run_dir)
+    assert not [f for f in files if "workertemp" in f or f.startswith("backup")], files
+    for phase in ("baseline", "candidate"):
+        assert {f"{phase}/model.keras", f"{phase}/history.json", f"{phase}/result.json"} <= set(files)
+    assert "summary.json" in files and "config.yaml" in files
+
+
+def test_killed_workers_resume_from_the_backup_and_finish_the_planned_steps(tiny_prepared, tmp_path):
+    run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
+    settings = ["train.baseline_epochs=1", "train.finetune_epochs=4", "train.backup_every_steps=2"]
+    procs = _start(run_dir, str(tmp_path), settings)
+    checkpoint = os.path.join(run_dir, "train", "backup", "candidate", "chief", "checkpoint")
+    deadline = time.monotonic() + 600
+    while not os.path.exists(checkpoint):  # the candidate phase has backed up at least once
+        assert all(p.poll() is None for p in procs), "a worker ended before the candidate phase backed up"
+        assert time.monotonic() < deadline, "no candidate backup after 600 s"
+        time.sleep(0.05)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not os.path.exists(os.path.join(run_dir, "train", "summary.json"))
+
+    chief, _ = _wait(_start(run_dir, str(tmp_path), settings), str(tmp_path))
+    restarted = chief.split("resuming the unfinished run")[-1]
+    assert "baseline: already trained in this run directory" in restarted
+    assert "candidate: resuming from the backup" in restarted
+    summary = json.load(open(os.path.join(run_dir, "train", "summary.json")))
+    candidate = summary["candidate"]
+    assert candidate["steps"] == candidate["planned_steps"] == 4 * (63 // 8)
+    assert candidate["epochs_run"] < candidate["epochs"]  # it did not start over
+    assert not os.path.exists(os.path.join(run_dir, "train", "backup"))
