@@ -66,30 +66,42 @@ from components.preprocess import stage as preprocess_stage  # noqa: E402
 from components.train import data, distribute, model  # noqa: E402
 from pipeline.config import Config, load_config, to_yaml  # noqa: E402
 
+STARTED = time.perf_counter()
 
-class EpochClock(tf_keras.callbacks.Callback):
-    """Wall time at the start of training and at each epoch end (put it last, so each
-    epoch's time includes the other callbacks' epoch-end work)."""
 
-    def __init__(self) -> None:
+def say(message: str) -> None:
+    print(f"[bench {time.perf_counter() - STARTED:5.0f} s] {message}", flush=True)
+
+
+class StepClock(tf_keras.callbacks.Callback):
+    """Wall time from the end of step ``skip`` to the end of the last epoch (put it last, so
+    the other callbacks' epoch-end work, such as the stage's backups, counts)."""
+
+    _supports_tf_logs = True  # the logs stay tensors: no extra host copies per step
+
+    def __init__(self, skip: int) -> None:
         super().__init__()
-        self.ends: list[float] = []
+        self.skip = skip
+        self.steps = 0
+        self.started = self.ended = 0.0
 
-    def on_train_begin(self, logs: Any = None) -> None:
-        self.ends = [time.perf_counter()]
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.steps += 1
+        if self.steps == self.skip:
+            self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        self.ends.append(time.perf_counter())
+        self.ended = time.perf_counter()
 
-    def steady_seconds(self) -> float:
-        """Epochs 2..N: the first holds the iterator's start-up (and, unwarmed, tracing)."""
-        return self.ends[-1] - self.ends[1]
+    def rate(self, batch: int) -> float:
+        """Images per second over the timed steps."""
+        return (self.steps - self.skip) * batch / (self.ended - self.started)
 
 
 class Bench:
     """The data, configuration and strategy shared by every in-process measurement."""
 
-    def __init__(self, cfg: Config, run_dir: str, steps: int) -> None:
+    def __init__(self, cfg: Config, run_dir: str, steps: int, skip: int) -> None:
         self.cfg = cfg
         self.prep = os.path.join(run_dir, "preprocess")
         self.scratch = os.path.join(run_dir, "scratch")
@@ -99,6 +111,7 @@ class Bench:
         self.batch = cfg.train.batch_size
         self.files = data.record_files(self.prep, "train")
         self.steps = steps
+        self.skip = skip
         self.placement = distribute.create_strategy(distribute.Cluster())
         self.jit = distribute.use_xla(cfg, self.placement.device)
         self.learning_rate = cfg.train.finetune_learning_rate or cfg.train.baseline_learning_rate / 10
@@ -160,11 +173,11 @@ class Bench:
         batch = (tf.constant(self.x[: self.batch]), tf.constant(self.y[: self.batch]))
         return tf.data.Dataset.from_tensors(batch).repeat()
 
-    def stage_fit(self, keras_model: Any, dataset_fn: Callable, epochs: int, steps: int) -> EpochClock:
+    def stage_fit(self, keras_model: Any, dataset_fn: Callable, epochs: int, steps: int) -> StepClock:
         """``fit`` as the stage's ``_fit`` calls it (validation aside: the stage times without it)."""
         self.fits += 1
         out = os.path.join(self.scratch, f"fit-{self.fits}")
-        clock = EpochClock()
+        clock = StepClock(self.skip)
         callbacks = [
             tf_keras.callbacks.BackupAndRestore(os.path.join(out, "backup"), save_freq="epoch"),
             tf_keras.callbacks.TensorBoard(os.path.join(out, "logs"), profile_batch=0),
@@ -181,10 +194,10 @@ class Bench:
         shutil.rmtree(out, ignore_errors=True)
         return clock
 
-    def plain_fit(self, keras_model: Any, epochs: int, steps: int) -> EpochClock:
+    def plain_fit(self, keras_model: Any, epochs: int, steps: int) -> StepClock:
         """A plain ``fit`` on the numpy images (whole batches only, as the stage's epochs)."""
         n = steps * self.batch
-        clock = EpochClock()
+        clock = StepClock(self.skip)
         keras_model.fit(
             self.x[:n],
             self.y[:n],
@@ -198,7 +211,7 @@ class Bench:
 
 
 # Candidate-phase variants (measurements 1 and 2): name -> how one fit runs.
-VARIANTS: dict[str, Callable[[Bench, Any, int, int], EpochClock]] = {
+VARIANTS: dict[str, Callable[[Bench, Any, int, int], StepClock]] = {
     "stage_augment": lambda b, m, e, s: b.stage_fit(m, b.records_fn(True), e, s),
     "stage": lambda b, m, e, s: b.stage_fit(m, b.records_fn(False), e, s),
     "plain_numpy": lambda b, m, e, s: b.plain_fit(m, e, s),
@@ -244,7 +257,7 @@ def in_process(bench: Bench, rounds: int, epochs: int, baseline_epochs: int) -> 
     models = {name: bench.classifier("candidate").model for name in VARIANTS}
     cached, frozen = bench.classifier("head"), bench.classifier("frozen").model
     extract = tf.function(lambda x: tf.cast(cached.extractor(x, training=False), tf.float32))
-    print("[bench] warming up (tracing every model)", flush=True)
+    say("models built; warming up (tracing every model)")
     for name, run in VARIANTS.items():
         run(bench, models[name], 1, 2)
     baseline_round(bench, extract, cached.head, frozen, 1)
@@ -254,12 +267,9 @@ def in_process(bench: Bench, rounds: int, epochs: int, baseline_epochs: int) -> 
         rates: dict[str, float] = {}
         for name in names[i % len(names) :] + names[: i % len(names)]:
             clock = VARIANTS[name](bench, models[name], epochs, bench.steps)
-            rates[name] = (epochs - 1) * bench.steps * bench.batch / clock.steady_seconds()
+            rates[name] = clock.rate(bench.batch)
         rates.update(baseline_round(bench, extract, cached.head, frozen, baseline_epochs))
-        print(
-            f"[bench] round {i + 1}/{rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()),
-            flush=True,
-        )
+        say(f"round {i + 1}/{rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
         results.append(rates)
     return results
 
@@ -274,22 +284,22 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+class TrainingFailed(Exception):
+    """A CLI training run exited non-zero or ran too long; the message holds its log's tail."""
+
+
 def cli_train(config_path: str, run_dir: str, workers: int, timeout: float) -> dict[str, Any]:
     """``python -m pipeline.cli train`` in ``workers`` processes (TF_CONFIG when more than
-    one); returns the chief's summary, the wall time and every worker's candidate weights digest."""
+    one); returns the chief's summary, the wall time and every worker's candidate weights digest.
+
+    Raises:
+        TrainingFailed: a process failed, or the run took longer than ``timeout`` seconds.
+    """
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env.update({"CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"})
     cluster = {"worker": [f"localhost:{p}" for p in free_ports(workers)]}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "train",
-        "--config",
-        config_path,
-        "--set",
-        f"run_dir={run_dir}",
-    ]
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", config_path]
+    cmd += ["--set", f"run_dir={run_dir}"]
     procs, logs = [], []
     started = time.perf_counter()
     for i in range(workers):
@@ -301,38 +311,63 @@ def cli_train(config_path: str, run_dir: str, workers: int, timeout: float) -> d
             procs.append(
                 subprocess.Popen(cmd, cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT)
             )
-    try:
-        codes = [p.wait(timeout=max(1.0, timeout - (time.perf_counter() - started))) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
+    codes: list[int | None] = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1.0, timeout - (time.perf_counter() - started))))
+        except subprocess.TimeoutExpired:
             p.kill()
-        raise SystemExit(f"{workers}-worker training ran past {timeout:.0f} s; logs: {logs}") from None
+            p.wait()
+            codes.append(None)
     wall = time.perf_counter() - started
     texts = [open(path).read() for path in logs]
-    if any(codes):
-        raise SystemExit(
-            f"{workers}-worker training failed (exit codes {codes}):\n"
-            + texts[codes.index(max(codes))][-3000:]
-        )
+    if any(code != 0 for code in codes):
+        worst = next(i for i, code in enumerate(codes) if code != 0)
+        what = f"ran past {timeout:.0f} s" if codes[worst] is None else f"exited {codes[worst]}"
+        lines = [line for line in texts[worst].splitlines() if "cuInit" not in line]
+        raise TrainingFailed(f"{workers}-worker training: worker {worst} {what}: " + " | ".join(lines[-6:]))
     digests = [re.findall(r"candidate: weights sha256 ([0-9a-f]+)", text) for text in texts]
     summary = json.load(open(os.path.join(run_dir, "train", "summary.json")))
     return {"summary": summary, "wall": wall, "digests": [d[-1] if d else None for d in digests]}
 
 
-def multi_worker(cfg: Config, work: str, prep: str, rounds: int, timeout: float) -> dict[str, Any]:
+def copy_preprocessed(prep: str, run_dir: str, keep_eval: bool) -> None:
+    """The preprocessing outputs under ``run_dir``; without ``keep_eval`` the summary lists
+    no eval records, so the stage skips validation and the chief's exact evaluation."""
+    target = os.path.join(run_dir, "preprocess")
+    shutil.copytree(prep, target)
+    if not keep_eval:
+        path = os.path.join(target, "summary.json")
+        summary = json.load(open(path))
+        summary["records"]["eval"] = 0
+        with open(path, "w") as f:
+            json.dump(summary, f)
+
+
+def multi_worker(cfg: Config, work: str, prep: str, rounds: int, timeout: float, keep_eval: bool) -> dict:
     """Measurement 4: one CLI process against two, back to back, ``rounds`` times."""
     config_path = os.path.join(work, "multi_worker.yaml")
     with open(config_path, "w") as f:
         f.write(to_yaml(cfg))
+    result: dict[str, Any] = {
+        "baseline_epochs": cfg.train.baseline_epochs,
+        "finetune_epochs": cfg.train.finetune_epochs,
+        "eval_split": keep_eval,
+    }
     runs = []
     for i in range(rounds):
         run = {}
         for workers in (1, 2):
             run_dir = os.path.join(work, f"cli-{workers}-{i}")
-            shutil.copytree(prep, os.path.join(run_dir, "preprocess"))
-            print(f"[bench] round {i + 1}/{rounds}: CLI training with {workers} worker(s)", flush=True)
-            run[workers] = cli_train(config_path, run_dir, workers, timeout)
-            shutil.rmtree(run_dir, ignore_errors=True)
+            copy_preprocessed(prep, run_dir, keep_eval)
+            say(f"round {i + 1}/{rounds}: CLI training with {workers} worker(s)")
+            try:
+                run[workers] = cli_train(config_path, run_dir, workers, timeout)
+            except TrainingFailed as e:
+                say(str(e))
+                return {**result, "error": str(e)}
+            finally:
+                shutil.rmtree(run_dir, ignore_errors=True)
         runs.append(run)
 
     def med(fn: Callable[[dict], float]) -> float:
@@ -341,30 +376,24 @@ def multi_worker(cfg: Config, work: str, prep: str, rounds: int, timeout: float)
     def ips(r: dict, w: int) -> float:
         return r[w]["summary"]["candidate"]["images_per_second"]
 
-    one, two = runs[-1][1]["summary"], runs[-1][2]["summary"]
-    return {
-        "baseline_epochs": cfg.train.baseline_epochs,
-        "finetune_epochs": cfg.train.finetune_epochs,
-        "one_worker": {
-            "strategy": one["strategy"],
-            "global_batch_size": one["global_batch_size"],
-            "candidate_images_per_second": med(lambda r: ips(r, 1)),
-            "candidate_steps": one["candidate"]["steps"],
-            "wall_seconds": round(med(lambda r: r[1]["wall"]), 2),
-        },
-        "two_workers": {
-            "strategy": two["strategy"],
-            "global_batch_size": two["global_batch_size"],
-            "candidate_images_per_second": med(lambda r: ips(r, 2)),
-            "candidate_steps": two["candidate"]["steps"],
-            "wall_seconds": round(med(lambda r: r[2]["wall"]), 2),
-            "workers_agree": all(
-                len(set(r[2]["digests"])) == 1 and None not in r[2]["digests"] for r in runs
+    for workers, key in ((1, "one_worker"), (2, "two_workers")):
+        summary = runs[-1][workers]["summary"]
+        result[key] = {
+            "strategy": summary["strategy"],
+            "global_batch_size": summary["global_batch_size"],
+            "candidate_steps": summary["candidate"]["steps"],
+            "candidate_images_per_second": med(lambda r, w=workers: ips(r, w)),
+            "baseline_feature_seconds": med(
+                lambda r, w=workers: r[w]["summary"]["baseline"]["feature_seconds"]
             ),
-        },
-        "efficiency": round(med(lambda r: ips(r, 2) / (2 * ips(r, 1))), 3),
-        "efficiency_wall": round(med(lambda r: r[1]["wall"] / (2 * r[2]["wall"])), 3),
-    }
+            "wall_seconds": round(med(lambda r, w=workers: r[w]["wall"]), 2),
+        }
+    result["two_workers"]["same_weights"] = all(
+        len(set(r[2]["digests"])) == 1 and None not in r[2]["digests"] for r in runs
+    )
+    result["efficiency"] = round(med(lambda r: ips(r, 2) / (2 * ips(r, 1))), 3)
+    result["efficiency_wall"] = round(med(lambda r: r[1]["wall"] / (2 * r[2]["wall"])), 3)
+    return result
 
 
 def main() -> None:
@@ -377,9 +406,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
-    parser.add_argument(
-        "--epochs", type=int, default=3, help="candidate fits per round; epoch 1 is not timed"
-    )
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of each candidate-phase fit in a round")
+    parser.add_argument("--skip-steps", type=int, default=3, help="untimed first steps of each such fit")
     parser.add_argument(
         "--steps-per-epoch", type=int, default=0, help="0: the whole train split, as the stage"
     )
@@ -388,10 +416,13 @@ def main() -> None:
     parser.add_argument("--mw-baseline-epochs", type=int, default=1)
     parser.add_argument("--mw-finetune-epochs", type=int, default=3)
     parser.add_argument("--mw-timeout", type=float, default=300.0, help="seconds per CLI run")
+    parser.add_argument(
+        "--mw-eval",
+        action="store_true",
+        help="keep the eval split in the CLI runs (validation and the chief's exact evaluation)",
+    )
     parser.add_argument("--out", default="runs/bench/train.json")
     args = parser.parse_args()
-    if args.epochs < 2:
-        parser.error("--epochs must be at least 2 (the first is not timed)")
 
     started = time.perf_counter()
     work = tempfile.mkdtemp(prefix="bench-train-")
@@ -409,10 +440,11 @@ def main() -> None:
                 f"train.batch_size={args.batch_size}",
             ],
         )
-        print(f"[bench] preprocessing {args.beans} at {args.size} px into {run_dir}", flush=True)
+        say(f"preprocessing {args.beans} at {args.size} px into {run_dir}")
         preprocess_stage.run(cfg)
         num_train = json.load(open(os.path.join(run_dir, "preprocess", "summary.json")))["records"]["train"]
-        bench = Bench(cfg, run_dir, args.steps_per_epoch or num_train // args.batch_size)
+        bench = Bench(cfg, run_dir, args.steps_per_epoch or num_train // args.batch_size, args.skip_steps)
+        say(f"building {len(VARIANTS) + 2} models")
         rounds = in_process(bench, args.rounds, args.epochs, args.baseline_epochs)
 
         def med(key: str) -> float:
@@ -435,7 +467,8 @@ def main() -> None:
             "device": bench.placement.device,
             "xla": bench.jit,
             "rounds": args.rounds,
-            "timed_epochs_per_fit": args.epochs - 1,
+            "epochs_per_fit": args.epochs,
+            "untimed_steps_per_fit": args.skip_steps,
             "candidate": {
                 "unfrozen": bench.unfrozen,
                 "stage_images_per_second": round(med("stage"), 1),
@@ -476,7 +509,12 @@ def main() -> None:
                 ],
             )
             result["multi_worker"] = multi_worker(
-                mw_cfg, work, os.path.join(run_dir, "preprocess"), args.mw_rounds, args.mw_timeout
+                mw_cfg,
+                work,
+                os.path.join(run_dir, "preprocess"),
+                args.mw_rounds,
+                args.mw_timeout,
+                args.mw_eval,
             )
         result["per_round"] = [{k: round(v, 2) for k, v in r.items()} for r in rounds]
         result["targets"] = {

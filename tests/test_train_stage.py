@@ -36,7 +36,8 @@ def test_trains_both_phases_and_the_cached_baseline_equals_the_assembled_model(
         assert sorted(os.listdir(os.path.join(out, phase))) == ["history.json", "model.keras", "result.json"]
         assert os.listdir(os.path.join(out, "logs", phase, "train"))
         result = summary[phase]
-        assert result["steps"] == result["planned_steps"] == result["epochs"] * result["steps_per_epoch"]
+        assert result["steps"] == result["steps_run"] == result["planned_steps"]
+        assert result["planned_steps"] == result["epochs"] * result["steps_per_epoch"]
         assert result["eval"]["examples"] == summary["records"]["eval"] == 27
         assert result["images_per_second"] > 0
     assert (summary["strategy"], summary["replicas"], summary["global_batch_size"]) == ("default", 1, 8)

@@ -232,7 +232,10 @@ def _baseline_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     ctx.say(f"baseline: {len(train_y)} train features in {feature_seconds:.1f} s; training the head")
     learning_rate = ctx.learning_rate(t.baseline_learning_rate)
     with ctx.placement.strategy.scope():
-        model.compile_model(clf.head, learning_rate, ctx.jit_compile)
+        # A model of its own around the shared head layers, so the head's optimizer does not
+        # become part of the classifier (and of the candidate's backups).
+        head = tf_keras.Model(clf.head.input, clf.head.output, name="head_on_features")
+        model.compile_model(head, learning_rate, ctx.jit_compile)
 
     def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = ictx.get_per_replica_batch_size(ctx.global_batch)
@@ -245,15 +248,16 @@ def _baseline_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
             eval_x[part], eval_y[part], batch, training=False, repeat=ctx.cluster.multi_worker
         )
 
-    history, train_seconds = _fit(
-        ctx, clf.head, "baseline", train_fn, eval_fn if eval_x is not None else None, t.baseline_epochs
+    history, timer = _fit(
+        ctx, head, "baseline", train_fn, eval_fn if eval_x is not None else None, t.baseline_epochs
     )
     evaluated = (
         _exact_metrics(clf.head, [(eval_x, eval_y)]) if eval_x is not None and ctx.cluster.is_chief else None
     )
-    result = _result(ctx, clf.head, history, t.baseline_epochs, learning_rate, started, evaluated)
+    result = _result(ctx, head, history, t.baseline_epochs, learning_rate, started, evaluated)
     result["feature_seconds"] = round(feature_seconds, 2)
-    result["images_per_second"] = _rate(ctx, result, feature_seconds + train_seconds)
+    result["steps_run"] = timer.steps
+    result["images_per_second"] = _rate(ctx, result, feature_seconds + timer.train_seconds)
     _save(ctx, clf.model, "baseline", result, history)
     return result
 
@@ -294,7 +298,7 @@ def _candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
             repeat=ctx.cluster.multi_worker,
         )
 
-    history, train_seconds = _fit(
+    history, timer = _fit(
         ctx, clf.model, "candidate", train_fn, eval_fn if ctx.inputs.eval_files else None, t.finetune_epochs
     )
     evaluated = None
@@ -303,7 +307,8 @@ def _candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
         if ctx.cluster.is_chief:
             evaluated = _exact_metrics(snapshot, data.image_dataset(ctx.inputs.eval_files, size, 64))
     result = _result(ctx, clf.model, history, t.finetune_epochs, learning_rate, started, evaluated)
-    result["images_per_second"] = _rate(ctx, result, train_seconds)
+    result["steps_run"] = timer.steps
+    result["images_per_second"] = _rate(ctx, result, timer.train_seconds)
     result["unfrozen"] = unfrozen
     _save(ctx, clf.model, "candidate", result, history)
     return result
@@ -337,10 +342,12 @@ def _features(ctx: Run, extract: Any, files: list[str], shard: data.Shard) -> tu
 
 
 class _Timer(tf_keras.callbacks.Callback):
-    """Seconds spent training, validation excluded (for images/s)."""
+    """Seconds spent training, validation excluded (for images/s), and the steps this
+    process ran (fewer than planned when it resumed from a backup)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.steps = 0
         self.train_seconds = 0.0
         self._epoch_started = 0.0
         self._test_seconds = 0.0
@@ -348,6 +355,9 @@ class _Timer(tf_keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch_started, self._test_seconds = time.perf_counter(), 0.0
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.steps += 1
 
     def on_test_begin(self, logs: Any = None) -> None:
         self._test_started = time.perf_counter()
@@ -361,7 +371,7 @@ class _Timer(tf_keras.callbacks.Callback):
 
 def _fit(
     ctx: Run, keras_model: Any, phase: str, train_fn: Any, eval_fn: Any, epochs: int
-) -> tuple[dict, float]:
+) -> tuple[dict, _Timer]:
     """``fit`` on distributed datasets with backup, TensorBoard and timing callbacks; on
     several workers validation repeats, so every worker runs the same number of steps."""
     t = ctx.config.train
@@ -395,7 +405,7 @@ def _fit(
         callbacks=callbacks,
         verbose=ctx.verbose,
     )
-    return {k: [float(v) for v in values] for k, values in history.history.items()}, timer.train_seconds
+    return {k: [float(v) for v in values] for k, values in history.history.items()}, timer
 
 
 def _exact_metrics(keras_model: Any, batches: Any) -> dict[str, float]:
@@ -440,10 +450,10 @@ def _result(
 
 
 def _rate(ctx: Run, result: dict[str, Any], seconds: float) -> float:
-    """Images trained per second of this run's training work: the epochs run times the
-    global batches, over the fit time without validation (plus, for the baseline, the
-    feature extraction)."""
-    images = result["epochs_run"] * ctx.steps_per_epoch * ctx.global_batch
+    """Images trained per second of this run's training work: the steps this process ran
+    times the global batch, over the fit time without validation (plus, for the baseline,
+    the feature extraction)."""
+    images = result["steps_run"] * ctx.global_batch
     return round(images / max(seconds, 1e-9), 1)
 
 
