@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 DATA ?= ../shared/datasets/beans
 BENCH_DATA ?= ../shared/datasets/beans_raw_sample
 RUN_DIR ?= runs/beans
+# ImageNet MobileNetV2 0.35 weights: the offline copy in ../shared when present, otherwise
+# Keras downloads them ("imagenet").
+SHARED_WEIGHTS := ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
+WEIGHTS ?= $(if $(wildcard $(SHARED_WEIGHTS)),$(SHARED_WEIGHTS),imagenet)
 PYTEST_ARGS ?=
 
 .PHONY: install test test-fast demo lint bench clean
@@ -27,7 +31,12 @@ test-fast: install
 demo: install
 	$(VENV)/bin/finetune preprocess --config configs/beans.yaml \
 		--set data.source=$(DATA) --set run_dir=$(RUN_DIR)
-	@cat $(RUN_DIR)/preprocess/summary.json
+	$(VENV)/bin/finetune train --config configs/beans.yaml \
+		--set data.source=$(DATA) --set run_dir=$(RUN_DIR) --set model.weights=$(WEIGHTS)
+	@$(PY) -c "import json; s = json.load(open('$(RUN_DIR)/train/summary.json')); \
+		print(json.dumps({k: s[k] for k in ('strategy', 'replicas', 'global_batch_size')} | \
+		{p: {k: s[p][k] for k in ('eval', 'epochs', 'steps', 'seconds', 'images_per_second')} \
+		for p in ('baseline', 'candidate')}, indent=2))"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -17,7 +17,7 @@ FINETUNE = [sys.executable, "-m", "pipeline.cli"]
 
 def test_help_lists_the_commands():
     result = subprocess.run([*FINETUNE, "--help"], capture_output=True, text=True, check=True)
-    assert "preprocess" in result.stdout and "config" in result.stdout and "--set" not in result.stderr
+    assert all(c in result.stdout for c in ("preprocess", "train", "config")) and "--set" not in result.stderr
     sub = subprocess.run([*FINETUNE, "preprocess", "--help"], capture_output=True, text=True, check=True)
     assert "--config FILE" in sub.stdout and "--set KEY=VALUE" in sub.stdout
 
@@ -26,7 +26,14 @@ def test_config_prints_the_resolved_tree(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("data: {source: /imgs}\nrun_dir: /r\n")
     assert main(["config", "--config", str(tmp_path / "c.yaml"), "--set", "model.image_size=96"]) == 0
     tree = yaml.safe_load(capsys.readouterr().out)
-    assert tree["model"] == {"backbone": "mobilenet_v2", "image_size": 96}
+    assert tree["model"] == {
+        "backbone": "mobilenet_v2",
+        "image_size": 96,
+        "weights": "imagenet",
+        "alpha": 1.0,
+        "dropout": 0.2,
+    }
+    assert tree["train"]["batch_size"] == 32 and tree["train"]["augment"]["flip"] is True
     assert tree["preprocess"]["num_shards"] == 4
 
 
@@ -73,3 +80,34 @@ def test_preprocess_with_only_source_and_run_dir(tmp_path):
     assert "[preprocess] ok: records" in result.stdout
     summary = json.loads((run_dir / "preprocess" / "summary.json").read_text())
     assert summary["image_size"] == 224 and summary["status"] == "ok"
+
+
+def test_train_without_preprocessing_says_what_to_run_first(tmp_path):
+    result = subprocess.run(
+        [*FINETUNE, "train", "--set", "data.source=/imgs", "--set", f"run_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "finetune train: failed:" in result.stderr and "run `finetune preprocess`" in result.stderr
+
+
+def test_train_rejects_bad_model_options_before_any_work(tmp_path):
+    result = subprocess.run(
+        [
+            *FINETUNE,
+            "train",
+            "--set",
+            "data.source=/imgs",
+            "--set",
+            f"run_dir={tmp_path}",
+            "--set",
+            "model.alpha=0.3",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        result.returncode == 2 and "ImageNet weights for mobilenet_v2 exist only for alpha" in result.stderr
+    )
+    assert not os.path.exists(os.path.join(tmp_path, "train"))
