@@ -18,22 +18,14 @@ continues from its backup. The test split is never read here.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
-import shutil
-import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import tensorflow as tf
 import tf_keras
 
-from components.train import data, distribute, model
+from components.train import data, distribute, model, phases
+from components.train.phases import Inputs, Run
 from pipeline import storage
 from pipeline.config import Config, resolved_image_size, to_yaml
 from pipeline.errors import StageError
@@ -44,18 +36,6 @@ STAGE = "train"
 def output_dir(config: Config) -> str:
     """``<run_dir>/train``."""
     return storage.join(config.run_dir, STAGE)
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What the preprocessing stage produced, as the trainer needs it."""
-
-    classes: list[str]
-    image_size: int
-    train_files: list[str]
-    eval_files: list[str]
-    num_train: int
-    num_eval: int
 
 
 def read_inputs(config: Config) -> Inputs:
@@ -87,35 +67,6 @@ def read_inputs(config: Config) -> Inputs:
         num_train=int(records["train"]),
         num_eval=int(records.get("eval", 0)),
     )
-
-
-@dataclass(frozen=True)
-class Run:
-    """One training run's fixed facts, passed to each phase."""
-
-    config: Config
-    cluster: distribute.Cluster
-    placement: distribute.Placement
-    inputs: Inputs
-    out: str
-    global_batch: int
-    steps_per_epoch: int
-    jit_compile: bool
-    policy: str
-
-    def say(self, message: str) -> None:
-        """Progress on the console: the chief's, or tagged with the worker elsewhere."""
-        if self.cluster.is_chief:
-            print(f"[train] {message}", flush=True)
-
-    @property
-    def verbose(self) -> int:
-        if not self.cluster.is_chief:
-            return 0
-        return 1 if sys.stdout.isatty() else 2
-
-    def learning_rate(self, base: float) -> float:
-        return base * self.placement.replicas if self.config.train.scale_learning_rate else base
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -158,8 +109,8 @@ def run(config: Config) -> dict[str, Any]:
             seed=config.train.seed,
             name=config.name,
         )
-    baseline = _baseline_phase(ctx, clf)
-    candidate = _candidate_phase(ctx, clf)
+    baseline = phases.baseline_phase(ctx, clf)
+    candidate = phases.candidate_phase(ctx, clf)
     summary = {
         "status": "ok",
         "backbone": config.model.backbone,
@@ -207,280 +158,3 @@ def _prepare_output(ctx: Run) -> None:
         ctx.say(f"the unfinished run in {ctx.out} had another configuration; starting over")
         storage.delete_tree(ctx.out)
     storage.write_text(config_path, text)
-
-
-def _baseline_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
-    """Phase 1: the head on cached features of the frozen backbone."""
-    result_path = storage.join(ctx.out, "baseline", "result.json")
-    if storage.exists(result_path):
-        with storage.local_copy(storage.join(ctx.out, "baseline", "model.keras")) as path:
-            clf.model.load_weights(path)
-        ctx.say("baseline: already trained in this run directory, loaded")
-        return json.loads(storage.read_text(result_path))
-    t = ctx.config.train
-    started = time.perf_counter()
-    shard = data.Shard(ctx.cluster.num_workers, ctx.cluster.worker_index)
-    ctx.say(f"baseline: computing frozen {ctx.config.model.backbone} features once (cached for every epoch)")
-    extract = _feature_extractor(ctx, clf)
-    train_x, train_y = _features(ctx, extract, ctx.inputs.train_files, shard)
-    eval_x, eval_y = (
-        _features(ctx, extract, ctx.inputs.eval_files, data.Shard())
-        if ctx.inputs.eval_files
-        else (None, None)
-    )
-    feature_seconds = time.perf_counter() - started
-    ctx.say(f"baseline: {len(train_y)} train features in {feature_seconds:.1f} s; training the head")
-    learning_rate = ctx.learning_rate(t.baseline_learning_rate)
-    with ctx.placement.strategy.scope():
-        # A model of its own around the shared head layers, so the head's optimizer does not
-        # become part of the classifier (and of the candidate's backups).
-        head = tf_keras.Model(clf.head.input, clf.head.output, name="head_on_features")
-        model.compile_model(head, learning_rate, ctx.jit_compile)
-
-    def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
-        batch = ictx.get_per_replica_batch_size(ctx.global_batch)
-        return data.feature_dataset(train_x, train_y, batch, training=True, repeat=True, seed=t.seed)
-
-    def eval_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
-        part = slice(ictx.input_pipeline_id, None, ictx.num_input_pipelines)
-        batch = ictx.get_per_replica_batch_size(ctx.global_batch)
-        return data.feature_dataset(
-            eval_x[part], eval_y[part], batch, training=False, repeat=ctx.cluster.multi_worker
-        )
-
-    history, timer = _fit(
-        ctx, head, "baseline", train_fn, eval_fn if eval_x is not None else None, t.baseline_epochs
-    )
-    evaluated = (
-        _exact_metrics(clf.head, [(eval_x, eval_y)]) if eval_x is not None and ctx.cluster.is_chief else None
-    )
-    result = _result(ctx, head, history, t.baseline_epochs, learning_rate, started, evaluated)
-    result["feature_seconds"] = round(feature_seconds, 2)
-    result["steps_run"] = timer.steps
-    result["images_per_second"] = _rate(ctx, result, feature_seconds + timer.train_seconds)
-    _save(ctx, clf.model, "baseline", result, history)
-    return result
-
-
-def _candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
-    """Phase 2: fine-tune the top of the backbone on augmented images."""
-    t = ctx.config.train
-    started = time.perf_counter()
-    unfrozen = model.unfreeze_top(clf, ctx.config.model.backbone, t.unfreeze)
-    learning_rate = ctx.learning_rate(t.finetune_learning_rate or t.baseline_learning_rate / 10)
-    with ctx.placement.strategy.scope():
-        model.compile_model(clf.model, learning_rate, ctx.jit_compile)
-    ctx.say(
-        f"candidate: fine-tuning from layer {unfrozen['from_layer']} ({unfrozen['trainable_layers']} layers, "
-        f"{unfrozen['frozen_batchnorm']} BatchNorm layers kept frozen) at learning rate {learning_rate:g}"
-    )
-    size = ctx.inputs.image_size
-
-    def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
-        return data.image_dataset(
-            ctx.inputs.train_files,
-            size,
-            ictx.get_per_replica_batch_size(ctx.global_batch),
-            shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
-            training=True,
-            repeat=True,
-            augment=t.augment,
-            shuffle_buffer=t.shuffle_buffer,
-            seed=t.seed + ictx.input_pipeline_id,
-        )
-
-    def eval_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
-        return data.image_dataset(
-            ctx.inputs.eval_files,
-            size,
-            ictx.get_per_replica_batch_size(ctx.global_batch),
-            shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
-            repeat=ctx.cluster.multi_worker,
-        )
-
-    history, timer = _fit(
-        ctx, clf.model, "candidate", train_fn, eval_fn if ctx.inputs.eval_files else None, t.finetune_epochs
-    )
-    evaluated = None
-    if ctx.inputs.eval_files:
-        snapshot = model.local_copy(clf.model)  # on every worker: the weight read is collective
-        if ctx.cluster.is_chief:
-            evaluated = _exact_metrics(snapshot, data.image_dataset(ctx.inputs.eval_files, size, 64))
-    result = _result(ctx, clf.model, history, t.finetune_epochs, learning_rate, started, evaluated)
-    result["steps_run"] = timer.steps
-    result["images_per_second"] = _rate(ctx, result, timer.train_seconds)
-    result["unfrozen"] = unfrozen
-    _save(ctx, clf.model, "candidate", result, history)
-    return result
-
-
-def _feature_extractor(ctx: Run, clf: model.Classifier) -> Any:
-    """image batch -> float32 feature batch, runnable by this worker alone.
-
-    A local copy of the frozen extractor (plain calls of the distributed one would be
-    collective, see ``model.local_copy``); on a TPU, the distributed extractor's
-    ``predict`` spreads the work over the cores instead. Called on every worker.
-    """
-    if ctx.placement.device == "tpu":
-        return lambda images: clf.extractor.predict(images, verbose=0).astype(np.float32)
-    local = model.local_copy(clf.model)
-    extractor = tf_keras.Model(local.input, local.get_layer("pool").output)
-    extract = tf.function(lambda x: tf.cast(extractor(x, training=False), tf.float32))
-    return lambda images: extract(images).numpy()
-
-
-def _features(ctx: Run, extract: Any, files: list[str], shard: data.Shard) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled backbone features and labels of this worker's shard of ``files``, computed once."""
-    dataset = data.image_dataset(
-        files, ctx.inputs.image_size, max(64, ctx.config.train.batch_size), shard=shard
-    )
-    parts, labels = [], []
-    for images, batch_labels in dataset:
-        parts.append(extract(images))
-        labels.append(batch_labels.numpy())
-    return np.concatenate(parts), np.concatenate(labels)
-
-
-class _Timer(tf_keras.callbacks.Callback):
-    """Seconds spent training, validation excluded (for images/s), and the steps this
-    process ran (fewer than planned when it resumed from a backup)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps = 0
-        self.train_seconds = 0.0
-        self._epoch_started = 0.0
-        self._test_seconds = 0.0
-        self._test_started = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        self._epoch_started, self._test_seconds = time.perf_counter(), 0.0
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        self.steps += 1
-
-    def on_test_begin(self, logs: Any = None) -> None:
-        self._test_started = time.perf_counter()
-
-    def on_test_end(self, logs: Any = None) -> None:
-        self._test_seconds += time.perf_counter() - self._test_started
-
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        self.train_seconds += time.perf_counter() - self._epoch_started - self._test_seconds
-
-
-def _fit(
-    ctx: Run, keras_model: Any, phase: str, train_fn: Any, eval_fn: Any, epochs: int
-) -> tuple[dict, _Timer]:
-    """``fit`` on distributed datasets with backup, TensorBoard and timing callbacks; on
-    several workers validation repeats, so every worker runs the same number of steps."""
-    t = ctx.config.train
-    strategy = ctx.placement.strategy
-    backup_dir = storage.join(ctx.out, "backup", phase)
-    if tf.io.gfile.exists(storage.join(backup_dir, "chief", "checkpoint")):
-        ctx.say(f"{phase}: resuming from the backup in {backup_dir}")
-    timer = _Timer()
-    callbacks = [
-        tf_keras.callbacks.BackupAndRestore(backup_dir, save_freq=t.backup_every_steps or "epoch"),
-        tf_keras.callbacks.TensorBoard(storage.join(ctx.out, "logs", phase), profile_batch=0),
-        timer,
-    ]
-    if t.early_stopping_patience and eval_fn is not None:
-        callbacks.append(
-            tf_keras.callbacks.EarlyStopping(
-                "val_loss", patience=t.early_stopping_patience, restore_best_weights=True
-            )
-        )
-    validation, validation_steps = None, None
-    if eval_fn is not None:
-        validation = strategy.distribute_datasets_from_function(eval_fn)
-        if ctx.cluster.multi_worker:
-            validation_steps = max(1, math.ceil(ctx.inputs.num_eval / ctx.global_batch))
-    history = keras_model.fit(
-        strategy.distribute_datasets_from_function(train_fn),
-        epochs=epochs,
-        steps_per_epoch=ctx.steps_per_epoch,
-        validation_data=validation,
-        validation_steps=validation_steps,
-        callbacks=callbacks,
-        verbose=ctx.verbose,
-    )
-    return {k: [float(v) for v in values] for k, values in history.history.items()}, timer
-
-
-def _exact_metrics(keras_model: Any, batches: Any) -> dict[str, float]:
-    """Loss and accuracy over every eval example exactly once (chief only: plain calls,
-    no collectives, so no example is repeated or dropped as in distributed validation)."""
-    predict = tf.function(lambda x: keras_model(x, training=False))
-    total, loss, correct = 0, 0.0, 0
-    for x, y in batches:
-        for start in range(0, len(y), 256):
-            probs = predict(x[start : start + 256]).numpy().astype(np.float64)
-            labels = np.asarray(y[start : start + 256])
-            picked = probs[np.arange(len(labels)), labels]
-            loss += float(-np.log(np.clip(picked, 1e-7, 1.0)).sum())
-            correct += int((probs.argmax(axis=1) == labels).sum())
-            total += len(labels)
-    return {"loss": round(loss / total, 6), "accuracy": round(correct / total, 6), "examples": total}
-
-
-def _result(
-    ctx: Run,
-    keras_model: Any,
-    history: dict,
-    epochs: int,
-    learning_rate: float,
-    started: float,
-    evaluated: Any,
-) -> dict[str, Any]:
-    """One phase's summary; ``images_per_second`` is filled in by the phase (see _rate)."""
-    epochs_run = len(history.get("loss", []))
-    last = {k: v[-1] for k, v in history.items() if v}
-    return {
-        "epochs": epochs,
-        "epochs_run": epochs_run,
-        "steps": int(keras_model.optimizer.iterations.numpy()),
-        "planned_steps": epochs * ctx.steps_per_epoch,
-        "steps_per_epoch": ctx.steps_per_epoch,
-        "learning_rate": learning_rate,
-        "train": {"loss": last.get("loss"), "accuracy": last.get("accuracy")},
-        "eval": evaluated,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-
-
-def _rate(ctx: Run, result: dict[str, Any], seconds: float) -> float:
-    """Images trained per second of this run's training work: the steps this process ran
-    times the global batch, over the fit time without validation (plus, for the baseline,
-    the feature extraction)."""
-    images = result["steps_run"] * ctx.global_batch
-    return round(images / max(seconds, 1e-9), 1)
-
-
-def _save(ctx: Run, keras_model: Any, phase: str, result: dict, history: dict) -> None:
-    """Every worker saves (variables that sync on read need all of them); only the chief's
-    copy is published, others are deleted. ``result.json`` goes last: it marks the phase done."""
-    tmp = tempfile.mkdtemp(prefix=f"finetune-{phase}-")
-    try:
-        path = os.path.join(tmp, "model.keras")
-        keras_model.save(path)
-        digest = weights_digest(keras_model)
-        tag = "[train]" if ctx.cluster.is_chief else f"[train {ctx.cluster.describe()}]"
-        print(f"{tag} {phase}: weights sha256 {digest}", flush=True)
-        if ctx.cluster.is_chief:
-            target = storage.join(ctx.out, phase)
-            with open(path, "rb") as f:
-                storage.write_bytes(storage.join(target, "model.keras"), f.read())
-            storage.write_text(storage.join(target, "history.json"), json.dumps(history, indent=2) + "\n")
-            result["weights_sha256"] = digest
-            storage.write_text(storage.join(target, "result.json"), json.dumps(result, indent=2) + "\n")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def weights_digest(keras_model: Any) -> str:
-    """SHA-256 of every weight's bytes: equal on all workers when they agree exactly."""
-    digest = hashlib.sha256()
-    for weight in keras_model.get_weights():
-        digest.update(np.ascontiguousarray(weight).tobytes())
-    return digest.hexdigest()
