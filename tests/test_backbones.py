@@ -3,6 +3,9 @@ right layers (BatchNorm never)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import tf_keras
@@ -11,6 +14,7 @@ from components import backbones
 from components.train import model
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from tests.train_helpers import MOBILENET_V2_035
 
 
 def _batchnorm(layer) -> bool:
@@ -107,3 +111,37 @@ def test_a_missing_or_mismatched_weights_file_is_a_clear_error(tmp_path):
         ConfigError, match="cannot load .*alpha 0.35.*check\\s+model.backbone and model.alpha"
     ):
         backbones.build_backbone("mobilenet_v2", 32, weights=path, alpha=0.35)
+
+
+def _same_weights(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
+
+
+@pytest.mark.gcs
+def test_weights_from_a_gs_uri(gcs_prefix, tmp_path):
+    from pipeline import storage
+
+    source = tf_keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(32, 32, 3), alpha=0.35
+    )
+    local = str(tmp_path / "weights.h5")
+    source.save_weights(local)
+    uri = storage.join(gcs_prefix, "weights", "mobilenet_v2_035.h5")
+    storage.write_bytes(uri, open(local, "rb").read())
+    loaded = backbones.build_backbone("mobilenet_v2", 32, weights=uri, alpha=0.35)
+    assert _same_weights(loaded, source)
+
+
+@pytest.mark.skipif(not os.path.isfile(MOBILENET_V2_035), reason=f"weights not found at {MOBILENET_V2_035}")
+def test_imagenet_weights_come_from_the_keras_cache_without_a_download(tmp_path, monkeypatch):
+    """`weights: imagenet` is Keras's own path: with the file in ~/.keras/models (as a
+    machine that downloaded it once has), nothing is fetched."""
+    models = tmp_path / ".keras" / "models"
+    models.mkdir(parents=True)
+    shutil.copy(MOBILENET_V2_035, models / os.path.basename(MOBILENET_V2_035))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from_cache = backbones.build_backbone("mobilenet_v2", 224, weights="imagenet", alpha=0.35)
+    from_path = backbones.build_backbone("mobilenet_v2", 224, weights=MOBILENET_V2_035, alpha=0.35)
+    assert _same_weights(from_cache, from_path)
+    random = backbones.build_backbone("mobilenet_v2", 224, weights="none", alpha=0.35)
+    assert not _same_weights(random, from_path)
