@@ -206,21 +206,30 @@ def _features(ctx: Run, extract: Any, files: list[str], shard: data.Shard) -> tu
 
 class _Timer(tf_keras.callbacks.Callback):
     """Seconds spent training, validation excluded (for images/s), and the steps this
-    process ran (fewer than planned when it resumed from a backup)."""
+    process ran (fewer than planned when it resumed from a backup).
+
+    Epoch-level hooks only: a batch hook would make Keras convert the logs, and so wait for
+    the device, after every step. Goes after BackupAndRestore, which restores the optimizer's
+    step counter in its own ``on_train_begin``.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.steps = 0
+        self._first_step = 0
         self.train_seconds = 0.0
         self._epoch_started = 0.0
         self._test_seconds = 0.0
         self._test_started = 0.0
 
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._first_step = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self.steps = int(self.model.optimizer.iterations.numpy()) - self._first_step
+
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch_started, self._test_seconds = time.perf_counter(), 0.0
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        self.steps += 1
 
     def on_test_begin(self, logs: Any = None) -> None:
         self._test_started = time.perf_counter()
