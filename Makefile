@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/datasets/beans
 BENCH_DATA ?= ../shared/datasets/beans_raw_sample
+BENCH_BEANS ?= ../shared/datasets/beans
+BENCH_WEIGHTS ?= ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
 RUN_DIR ?= runs/beans
 # ImageNet MobileNetV2 0.35 weights: the offline copy in ../shared when present, otherwise
 # Keras downloads them ("imagenet").
@@ -44,6 +46,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_preprocess.py --data $(BENCH_DATA)
+	$(PY) benchmarks/bench_train.py --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache *.egg-info

@@ -9,27 +9,34 @@ tens of percent over minutes), ratios being the median of the per-round ratios:
 
 1. Candidate throughput. The candidate phase as the stage runs it (``model.unfreeze_top``,
    ``model.compile_model``, ``fit`` on ``strategy.distribute_datasets_from_function`` of the
-   stage's TFRecord input, with its BackupAndRestore and TensorBoard callbacks), with the
-   configured augmentation and without it, against a plain ``fit`` of the same model (same
-   trainable layers, same compile) on the numpy images. The target figure is the one without
-   augmentation: the plain fit does none, so only then is the work the same.
+   stage's TFRecord input, with its BackupAndRestore and TensorBoard callbacks; validation
+   left out, as the stage's own timer leaves it out), with the configured augmentation and
+   without it, against a plain ``fit`` of the same model (same trainable layers, same
+   compile) on the numpy images. The target figure is the one without augmentation: the
+   plain fit does none, so only then is the work the same. The seconds of each epoch-end
+   backup are noted too (they are part of the stage's epochs), and the stage's rate is also
+   given without them, to show how much of any gap they make.
 2. Input pipeline. The stage's fit fed from TFRecords (``data.image_dataset``, training,
-   repeating; without and with augmentation) against the same fit fed one fixed in-memory
-   batch (``Dataset.from_tensors(...).repeat()``): the step time the input adds.
-3. Baseline. Cached features (extract the frozen backbone's features once, then train the
-   head ``--baseline-epochs`` epochs on them) against the frozen classifier fitted the same
-   epochs on the images (the backbone runs every epoch).
+   repeating; without and with augmentation) against the same fit of the same model fed one
+   fixed in-memory batch (``Dataset.from_tensors(...).repeat()``): the step time the input adds.
+3. Baseline. Cached features (extract the frozen backbone's features once, as the stage
+   does, then fit the head ``--baseline-epochs`` epochs on them) against the frozen
+   classifier fitted the same epochs, steps and batch on the images (the backbone runs every
+   epoch); both whole, from the first image to the last epoch's end.
 4. Two workers. ``python -m pipeline.cli train`` as two processes on loopback (TF_CONFIG,
    MultiWorkerMirroredStrategy) against one process, same configuration, few epochs:
    efficiency = candidate images/s of two workers / (2 x that of one), from the summaries
-   (whose rate includes the first epoch). Both workers must end with identical weights. On a
-   2-core machine the two processes share the cores one process already uses, so this is a
-   correctness set-up: reported, no target.
+   (whose rate includes the first epoch, tracing and all), and the same from wall times.
+   Both workers must end with identical weights. On a 2-core machine the two processes
+   share the cores one process already uses, so this is a correctness set-up: reported, no
+   target. ``--mw-no-eval`` leaves the eval split out (no validation, no exact evaluation).
 
-Each in-process model is built and traced once (a short warm-up fit). A round then fits each
-for ``--epochs`` epochs and times epochs 2..N (epoch-end to epoch-end, so backups and other
-per-epoch work count), and times both baseline variants whole. The variants' order rotates
-from round to round.
+Tracing is kept out of every in-process figure: each model is built once and warmed up with
+a short fit (and one feature pass) first; the stage's variants share one model, which only
+their input tells apart. Candidate rounds fit each variant ``--epochs`` epoch(s) and time
+from the end of step ``--skip-steps`` (past the iterator's start-up) to the end of the last
+epoch, so the epoch-end backups count as they do in the stage; the variants' order rotates
+from round to round. Baseline rounds then time the two baseline variants back to back.
 
 Usage: python benchmarks/bench_train.py --beans ../shared/datasets/beans \\
     --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
@@ -84,6 +91,7 @@ class StepClock(tf_keras.callbacks.Callback):
         self.skip = skip
         self.steps = 0
         self.started = self.ended = 0.0
+        self.backup_seconds = 0.0  # of the epoch-end backups inside the timed window
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         self.steps += 1
@@ -93,9 +101,26 @@ class StepClock(tf_keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self.ended = time.perf_counter()
 
-    def rate(self, batch: int) -> float:
-        """Images per second over the timed steps."""
-        return (self.steps - self.skip) * batch / (self.ended - self.started)
+    def rate(self, batch: int, without_backups: bool = False) -> float:
+        """Images per second over the timed steps (optionally not counting the backups' time)."""
+        seconds = self.ended - self.started - (self.backup_seconds if without_backups else 0.0)
+        return (self.steps - self.skip) * batch / seconds
+
+
+class TimedBackup(tf_keras.callbacks.BackupAndRestore):
+    """The stage's BackupAndRestore callback, also noting how long each epoch-end backup takes
+    (in ``seconds``, and in ``clock`` when inside its timed window)."""
+
+    def __init__(self, backup_dir: str, save_freq: Any, seconds: list[float], clock: StepClock) -> None:
+        super().__init__(backup_dir, save_freq=save_freq)
+        self.seconds, self.clock = seconds, clock
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        started = time.perf_counter()
+        super().on_epoch_end(epoch, logs)
+        self.seconds.append(time.perf_counter() - started)
+        if self.clock.started:
+            self.clock.backup_seconds += self.seconds[-1]
 
 
 class Bench:
@@ -123,12 +148,12 @@ class Bench:
         if self.steps * self.batch > len(self.y):
             raise SystemExit(f"--steps-per-epoch {steps} x batch {self.batch} > {len(self.y)} train images")
         self.fits = 0
+        self.backup_seconds: dict[str, list[float]] = {}
         self.unfrozen: dict[str, Any] = {}
 
     def classifier(self, phase: str) -> model.Classifier:
-        """A fresh classifier compiled as the stage compiles it for ``phase``: ``candidate``
-        (top of the backbone unfrozen, ``model`` compiled), ``head`` (frozen, ``head``
-        compiled: the cached-feature baseline) or ``frozen`` (frozen, ``model`` compiled)."""
+        """A fresh classifier with ``model`` compiled: for the ``candidate`` phase as the stage
+        compiles it (top of the backbone unfrozen), or with the backbone frozen (``baseline``)."""
         m, t = self.cfg.model, self.cfg.train
         with self.placement.strategy.scope():
             clf = model.build_classifier(
@@ -145,8 +170,7 @@ class Bench:
                 self.unfrozen = model.unfreeze_top(clf, m.backbone, t.unfreeze)
                 model.compile_model(clf.model, self.learning_rate, self.jit)
             else:
-                keras_model = clf.head if phase == "head" else clf.model
-                model.compile_model(keras_model, t.baseline_learning_rate, self.jit)
+                model.compile_model(clf.model, t.baseline_learning_rate, self.jit)
         return clf
 
     def records_fn(self, augment: bool) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
@@ -173,13 +197,20 @@ class Bench:
         batch = (tf.constant(self.x[: self.batch]), tf.constant(self.y[: self.batch]))
         return tf.data.Dataset.from_tensors(batch).repeat()
 
-    def stage_fit(self, keras_model: Any, dataset_fn: Callable, epochs: int, steps: int) -> StepClock:
+    def stage_fit(
+        self, keras_model: Any, dataset_fn: Callable, epochs: int, steps: int, phase: str = "candidate"
+    ) -> StepClock:
         """``fit`` as the stage's ``_fit`` calls it (validation aside: the stage times without it)."""
         self.fits += 1
         out = os.path.join(self.scratch, f"fit-{self.fits}")
         clock = StepClock(self.skip)
         callbacks = [
-            tf_keras.callbacks.BackupAndRestore(os.path.join(out, "backup"), save_freq="epoch"),
+            TimedBackup(
+                os.path.join(out, "backup"),
+                self.cfg.train.backup_every_steps or "epoch",
+                self.backup_seconds.setdefault(phase, []),
+                clock,
+            ),
             tf_keras.callbacks.TensorBoard(os.path.join(out, "logs"), profile_batch=0),
             clock,
         ]
@@ -220,7 +251,7 @@ VARIANTS: dict[str, Callable[[Bench, Any, int, int], StepClock]] = {
 
 
 def extract_features(bench: Bench, extract: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The baseline phase's feature pass (stage._features): each train image once."""
+    """The baseline phase's feature pass (``phases._features``): each train image once."""
     parts, labels = [], []
     for images, batch_labels in data.image_dataset(bench.files, bench.size, max(64, bench.batch)):
         parts.append(extract(images).numpy())
@@ -240,37 +271,60 @@ def baseline_round(bench: Bench, extract: Any, head: Any, frozen: Any, epochs: i
         batch = ictx.get_per_replica_batch_size(bench.batch)
         return data.feature_dataset(features, labels, batch, training=True, repeat=True, seed=t.seed)
 
-    bench.stage_fit(head, head_fn, epochs, bench.steps)
+    bench.stage_fit(head, head_fn, epochs, bench.steps, "head")
     cached_seconds = time.perf_counter() - started
+    head_seconds = cached_seconds - feature_seconds
     started = time.perf_counter()
-    bench.stage_fit(frozen, bench.records_fn(False), epochs, bench.steps)
+    bench.stage_fit(frozen, bench.records_fn(False), epochs, bench.steps, "frozen")
     frozen_seconds = time.perf_counter() - started
     return {
         "baseline_cached_seconds": cached_seconds,
         "baseline_feature_seconds": feature_seconds,
+        "baseline_head_seconds": head_seconds,
         "baseline_frozen_seconds": frozen_seconds,
     }
 
 
-def in_process(bench: Bench, rounds: int, epochs: int, baseline_epochs: int) -> list[dict[str, float]]:
-    """Measurements 1-3: builds and warms every model, then runs the rounds."""
-    models = {name: bench.classifier("candidate").model for name in VARIANTS}
-    cached, frozen = bench.classifier("head"), bench.classifier("frozen").model
-    extract = tf.function(lambda x: tf.cast(cached.extractor(x, training=False), tf.float32))
-    say("models built; warming up (tracing every model)")
+def in_process(bench: Bench, rounds: int, baseline_rounds: int, epochs: int, baseline_epochs: int) -> dict:
+    """Measurements 1-3: builds and warms the models, then runs the rounds. The stage's
+    variants share one candidate model (only their input differs); the plain fit has its own
+    (tf_keras cannot fit a model without BackupAndRestore once a fit with it has ended)."""
+    stage_model, plain_model = bench.classifier("candidate").model, bench.classifier("candidate").model
+    baseline = bench.classifier("baseline")
+    # As the stage's baseline phase: features from a local copy of the frozen model, and the
+    # head compiled as a model of its own around the shared head layers.
+    local = model.local_copy(baseline.model)
+    extractor = tf_keras.Model(local.input, local.get_layer("pool").output)
+    extract = tf.function(lambda x: tf.cast(extractor(x, training=False), tf.float32))
+    with bench.placement.strategy.scope():
+        head = tf_keras.Model(baseline.head.input, baseline.head.output, name="head_on_features")
+        model.compile_model(head, bench.cfg.train.baseline_learning_rate, bench.jit)
+    say("models built; warming up (tracing)")
+    models = {name: plain_model if name == "plain_numpy" else stage_model for name in VARIANTS}
     for name, run in VARIANTS.items():
         run(bench, models[name], 1, 2)
-    baseline_round(bench, extract, cached.head, frozen, 1)
-    results = []
+    baseline_round(bench, extract, head, baseline.model, 1)
     names = list(VARIANTS)
+    results: dict[str, list[dict[str, float]]] = {"candidate": [], "baseline": []}
     for i in range(rounds):
         rates: dict[str, float] = {}
         for name in names[i % len(names) :] + names[: i % len(names)]:
             clock = VARIANTS[name](bench, models[name], epochs, bench.steps)
             rates[name] = clock.rate(bench.batch)
-        rates.update(baseline_round(bench, extract, cached.head, frozen, baseline_epochs))
-        say(f"round {i + 1}/{rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
-        results.append(rates)
+            if name == "stage":
+                rates["stage_without_backups"] = clock.rate(bench.batch, without_backups=True)
+        say(
+            f"candidate round {i + 1}/{rounds}, images/s: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
+        )
+        results["candidate"].append(rates)
+    for i in range(baseline_rounds):
+        seconds = baseline_round(bench, extract, head, baseline.model, baseline_epochs)
+        say(
+            f"baseline round {i + 1}/{baseline_rounds}, s: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+        )
+        results["baseline"].append(seconds)
     return results
 
 
@@ -293,7 +347,8 @@ def cli_train(config_path: str, run_dir: str, workers: int, timeout: float) -> d
     one); returns the chief's summary, the wall time and every worker's candidate weights digest.
 
     Raises:
-        TrainingFailed: a process failed, or the run took longer than ``timeout`` seconds.
+        TrainingFailed: a process failed (the others are then stopped), or the run took
+            longer than ``timeout`` seconds.
     """
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env.update({"CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"})
@@ -311,19 +366,21 @@ def cli_train(config_path: str, run_dir: str, workers: int, timeout: float) -> d
             procs.append(
                 subprocess.Popen(cmd, cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT)
             )
-    codes: list[int | None] = []
+    while any(p.poll() is None for p in procs):  # until all end, one fails, or time is up
+        if time.perf_counter() - started > timeout or any(p.poll() for p in procs):
+            break
+        time.sleep(0.2)
+    wall = time.perf_counter() - started
+    codes = [p.poll() for p in procs]
     for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(1.0, timeout - (time.perf_counter() - started))))
-        except subprocess.TimeoutExpired:
+        if p.poll() is None:
             p.kill()
             p.wait()
-            codes.append(None)
-    wall = time.perf_counter() - started
     texts = [open(path).read() for path in logs]
     if any(code != 0 for code in codes):
-        worst = next(i for i, code in enumerate(codes) if code != 0)
-        what = f"ran past {timeout:.0f} s" if codes[worst] is None else f"exited {codes[worst]}"
+        failed = [i for i, code in enumerate(codes) if code]
+        worst = failed[0] if failed else codes.index(None)
+        what = f"exited {codes[worst]}" if codes[worst] else f"was still running after {wall:.0f} s"
         lines = [line for line in texts[worst].splitlines() if "cuInit" not in line]
         raise TrainingFailed(f"{workers}-worker training: worker {worst} {what}: " + " | ".join(lines[-6:]))
     digests = [re.findall(r"candidate: weights sha256 ([0-9a-f]+)", text) for text in texts]
@@ -405,21 +462,22 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.35)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
+    parser.add_argument("--rounds", type=int, default=7, help="candidate-phase rounds; medians are reported")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of each candidate-phase fit in a round")
     parser.add_argument("--skip-steps", type=int, default=3, help="untimed first steps of each such fit")
     parser.add_argument(
         "--steps-per-epoch", type=int, default=0, help="0: the whole train split, as the stage"
     )
+    parser.add_argument("--baseline-rounds", type=int, default=3)
     parser.add_argument("--baseline-epochs", type=int, default=5)
     parser.add_argument("--mw-rounds", type=int, default=1, help="rounds of the CLI runs (0: skip them)")
     parser.add_argument("--mw-baseline-epochs", type=int, default=1)
     parser.add_argument("--mw-finetune-epochs", type=int, default=3)
     parser.add_argument("--mw-timeout", type=float, default=300.0, help="seconds per CLI run")
     parser.add_argument(
-        "--mw-eval",
+        "--mw-no-eval",
         action="store_true",
-        help="keep the eval split in the CLI runs (validation and the chief's exact evaluation)",
+        help="leave the eval split out of the CLI runs (no validation, no exact evaluation)",
     )
     parser.add_argument("--out", default="runs/bench/train.json")
     args = parser.parse_args()
@@ -444,17 +502,22 @@ def main() -> None:
         preprocess_stage.run(cfg)
         num_train = json.load(open(os.path.join(run_dir, "preprocess", "summary.json")))["records"]["train"]
         bench = Bench(cfg, run_dir, args.steps_per_epoch or num_train // args.batch_size, args.skip_steps)
-        say(f"building {len(VARIANTS) + 2} models")
-        rounds = in_process(bench, args.rounds, args.epochs, args.baseline_epochs)
+        say("building the models")
+        rounds = in_process(bench, args.rounds, args.baseline_rounds, args.epochs, args.baseline_epochs)
 
         def med(key: str) -> float:
-            return statistics.median(r[key] for r in rounds)
+            return statistics.median(
+                r[key] for r in rounds["baseline" if key.startswith("baseline") else "candidate"]
+            )
 
-        def ratio(fn: Callable[[dict[str, float]], float]) -> float:  # median of per-round ratios
-            return round(statistics.median(fn(r) for r in rounds), 3)
+        def ratio(fn: Callable[[dict[str, float]], float], part: str = "candidate") -> float:
+            return round(statistics.median(fn(r) for r in rounds[part]), 3)  # median of per-round ratios
 
         def step_ms(name: str) -> float:
             return round(1000 * bench.batch / med(name), 1)
+
+        def backup_s(phase: str) -> float:  # median seconds of one epoch-end backup
+            return round(statistics.median(bench.backup_seconds[phase]), 3)
 
         result: dict[str, Any] = {
             "backbone": f"{cfg.model.backbone} alpha {cfg.model.alpha}",
@@ -466,16 +529,21 @@ def main() -> None:
             "cpu_cores": os.cpu_count(),
             "device": bench.placement.device,
             "xla": bench.jit,
-            "rounds": args.rounds,
-            "epochs_per_fit": args.epochs,
-            "untimed_steps_per_fit": args.skip_steps,
             "candidate": {
+                "rounds": args.rounds,
+                "epochs_per_fit": args.epochs,
+                "untimed_steps_per_fit": args.skip_steps,
                 "unfrozen": bench.unfrozen,
                 "stage_images_per_second": round(med("stage"), 1),
                 "stage_augment_images_per_second": round(med("stage_augment"), 1),
                 "plain_numpy_images_per_second": round(med("plain_numpy"), 1),
                 "stage_vs_plain": ratio(lambda r: r["stage"] / r["plain_numpy"]),
                 "stage_augment_vs_plain": ratio(lambda r: r["stage_augment"] / r["plain_numpy"]),
+                "stage_epoch_seconds": round(bench.steps * bench.batch / med("stage"), 2),
+                "stage_backup_seconds_per_epoch": backup_s("candidate"),
+                "stage_without_backups_vs_plain": ratio(
+                    lambda r: r["stage_without_backups"] / r["plain_numpy"]
+                ),
             },
             "input_pipeline": {
                 "tfrecord_step_ms": step_ms("stage"),
@@ -485,12 +553,16 @@ def main() -> None:
                 "tfrecord_augment_vs_synthetic": ratio(lambda r: r["stage_synthetic"] / r["stage_augment"]),
             },
             "baseline": {
+                "rounds": args.baseline_rounds,
                 "epochs": args.baseline_epochs,
                 "cached_seconds": round(med("baseline_cached_seconds"), 2),
                 "cached_feature_seconds": round(med("baseline_feature_seconds"), 2),
+                "cached_head_seconds": round(med("baseline_head_seconds"), 2),
+                "head_backup_seconds_per_epoch": backup_s("head"),
                 "frozen_backbone_seconds": round(med("baseline_frozen_seconds"), 2),
+                "frozen_backup_seconds_per_epoch": backup_s("frozen"),
                 "cached_speedup": ratio(
-                    lambda r: r["baseline_frozen_seconds"] / r["baseline_cached_seconds"]
+                    lambda r: r["baseline_frozen_seconds"] / r["baseline_cached_seconds"], "baseline"
                 ),
             },
         }
@@ -514,9 +586,11 @@ def main() -> None:
                 os.path.join(run_dir, "preprocess"),
                 args.mw_rounds,
                 args.mw_timeout,
-                args.mw_eval,
+                not args.mw_no_eval,
             )
-        result["per_round"] = [{k: round(v, 2) for k, v in r.items()} for r in rounds]
+        result["per_round"] = {
+            part: [{k: round(v, 2) for k, v in r.items()} for r in values] for part, values in rounds.items()
+        }
         result["targets"] = {
             "candidate stage_vs_plain >= 0.9 (no augmentation: the target figure)": (
                 result["candidate"]["stage_vs_plain"] >= 0.9
