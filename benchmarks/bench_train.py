@@ -70,7 +70,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
 from components.preprocess import stage as preprocess_stage  # noqa: E402
-from components.train import data, distribute, model  # noqa: E402
+from components.train import data, distribute, model, phases  # noqa: E402
 from pipeline.config import Config, load_config, to_yaml  # noqa: E402
 
 STARTED = time.perf_counter()
@@ -251,12 +251,9 @@ VARIANTS: dict[str, Callable[[Bench, Any, int, int], StepClock]] = {
 
 
 def extract_features(bench: Bench, extract: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The baseline phase's feature pass (``phases._features``): each train image once."""
-    parts, labels = [], []
-    for images, batch_labels in data.image_dataset(bench.files, bench.size, max(64, bench.batch)):
-        parts.append(extract(images).numpy())
-        labels.append(batch_labels.numpy())
-    return np.concatenate(parts), np.concatenate(labels)
+    """The baseline phase's feature pass: each train image once, batches as the stage's."""
+    dataset = data.image_dataset(bench.files, bench.size, max(64, bench.batch))
+    return phases.extract_features(extract, dataset)
 
 
 def baseline_round(bench: Bench, extract: Any, head: Any, frozen: Any, epochs: int) -> dict[str, float]:
@@ -293,12 +290,9 @@ def in_process(bench: Bench, rounds: int, baseline_rounds: int, epochs: int, bas
     baseline = bench.classifier("baseline")
     # As the stage's baseline phase: features from a local copy of the frozen model, and the
     # head compiled as a model of its own around the shared head layers.
-    local = model.local_copy(baseline.model)
-    extractor = tf_keras.Model(local.input, local.get_layer("pool").output)
-    extract = tf.function(lambda x: tf.cast(extractor(x, training=False), tf.float32))
+    extract = model.feature_extractor(baseline)
     with bench.placement.strategy.scope():
-        head = tf_keras.Model(baseline.head.input, baseline.head.output, name="head_on_features")
-        model.compile_model(head, bench.cfg.train.baseline_learning_rate, bench.jit)
+        head = model.head_trainer(baseline, bench.cfg.train.baseline_learning_rate, bench.jit)
     say("models built; warming up (tracing)")
     models = {name: plain_model if name == "plain_numpy" else stage_model for name in VARIANTS}
     for name, run in VARIANTS.items():
@@ -361,6 +355,9 @@ def cli_train(config_path: str, run_dir: str, workers: int, timeout: float) -> d
         worker_env = dict(env)
         if workers > 1:
             worker_env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+            # Workers sharing one machine: split its cores instead of oversubscribing them.
+            threads = str(max(1, (os.cpu_count() or 1) // workers))
+            worker_env.update(TF_NUM_INTRAOP_THREADS=threads, TF_NUM_INTEROP_THREADS=threads)
         logs.append(os.path.join(run_dir, f"worker-{i}.log"))
         with open(logs[-1], "w") as log:
             procs.append(

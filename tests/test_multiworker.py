@@ -50,6 +50,9 @@ def _start(run_dir: str, logs: str, settings: list[str]) -> list[subprocess.Pope
             "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
             "CUDA_VISIBLE_DEVICES": "",
             "TF_CPP_MIN_LOG_LEVEL": "2",
+            # Both workers share this machine: one thread pool each instead of oversubscribing.
+            "TF_NUM_INTRAOP_THREADS": "1",
+            "TF_NUM_INTEROP_THREADS": "1",
         }
         command = [sys.executable, "-m", "pipeline.cli", "train", f"--set=run_dir={run_dir}"]
         command += [f"--set={s}" for s in SETTINGS + settings]

@@ -14,9 +14,12 @@ Built on every worker, under the strategy's scope.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import tensorflow as tf
 import tf_keras
 
 from components import backbones
@@ -117,7 +120,7 @@ def unfreeze_top(classifier: Classifier, backbone_name: str, unfreeze: str) -> d
     }
 
 
-def compile_model(model: Any, learning_rate: float, jit_compile: bool) -> None:
+def compile_model(model: Any, learning_rate: float, jit_compile: bool, steps_per_execution: int = 1) -> None:
     """Adam + sparse categorical cross-entropy + accuracy (mixed float16 gets Keras's loss
     scaling automatically)."""
     model.compile(
@@ -125,7 +128,42 @@ def compile_model(model: Any, learning_rate: float, jit_compile: bool) -> None:
         loss=tf_keras.losses.SparseCategoricalCrossentropy(),
         metrics=[tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )
+
+
+# Head steps are tiny (a dense layer on cached features): run several per call of the
+# training function, or Keras's per-step overhead costs more than the step.
+HEAD_STEPS_PER_EXECUTION = 8
+
+
+def head_trainer(classifier: Classifier, learning_rate: float, jit_compile: bool) -> Any:
+    """The model the baseline phase fits: features -> probabilities through the classifier's
+    own head layers, compiled on its own, so the head's optimizer does not become part of
+    the classifier (nor of the candidate's backups). Call under the strategy's scope."""
+    head = tf_keras.Model(classifier.head.input, classifier.head.output, name="head_on_features")
+    compile_model(head, learning_rate, jit_compile, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
+    return head
+
+
+def feature_extractor(classifier: Classifier, on_tpu: bool = False) -> Callable[[Any], np.ndarray]:
+    """image batch -> float32 pooled features (numpy), runnable by this worker alone.
+
+    A local copy of the frozen extractor (plain calls of the distributed one would be
+    collective, see :func:`local_copy`), traced once for any batch size; on a TPU, the
+    distributed extractor's ``predict`` spreads the work over the cores instead. Call on
+    every worker at the same point.
+    """
+    if on_tpu:
+        return lambda images: classifier.extractor.predict(images, verbose=0).astype(np.float32)
+    local = local_copy(classifier.model)
+    extractor = tf_keras.Model(local.input, local.get_layer("pool").output)
+    size = local.input_shape[1]
+    signature = [tf.TensorSpec([None, size, size, 3], tf.float32)]
+    extract = tf.function(
+        lambda x: tf.cast(extractor(x, training=False), tf.float32), input_signature=signature
+    )
+    return lambda images: extract(images).numpy()
 
 
 def local_copy(keras_model: Any) -> Any:

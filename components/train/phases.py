@@ -84,7 +84,7 @@ def baseline_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     started = time.perf_counter()
     shard = data.Shard(ctx.cluster.num_workers, ctx.cluster.worker_index)
     ctx.say(f"baseline: computing frozen {ctx.config.model.backbone} features once (cached for every epoch)")
-    extract = _feature_extractor(ctx, clf)
+    extract = model.feature_extractor(clf, on_tpu=ctx.placement.device == "tpu")
     train_x, train_y = _features(ctx, extract, ctx.inputs.train_files, shard)
     eval_x, eval_y = (
         _features(ctx, extract, ctx.inputs.eval_files, data.Shard())
@@ -95,10 +95,7 @@ def baseline_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     ctx.say(f"baseline: {len(train_y)} train features in {feature_seconds:.1f} s; training the head")
     learning_rate = ctx.learning_rate(t.baseline_learning_rate)
     with ctx.placement.strategy.scope():
-        # A model of its own around the shared head layers, so the head's optimizer does not
-        # become part of the classifier (and of the candidate's backups).
-        head = tf_keras.Model(clf.head.input, clf.head.output, name="head_on_features")
-        model.compile_model(head, learning_rate, ctx.jit_compile)
+        head = model.head_trainer(clf, learning_rate, ctx.jit_compile)
 
     def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = ictx.get_per_replica_batch_size(ctx.global_batch)
@@ -177,26 +174,14 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     return result
 
 
-def _feature_extractor(ctx: Run, clf: model.Classifier) -> Any:
-    """image batch -> float32 feature batch, runnable by this worker alone.
-
-    A local copy of the frozen extractor (plain calls of the distributed one would be
-    collective, see ``model.local_copy``); on a TPU, the distributed extractor's
-    ``predict`` spreads the work over the cores instead. Called on every worker.
-    """
-    if ctx.placement.device == "tpu":
-        return lambda images: clf.extractor.predict(images, verbose=0).astype(np.float32)
-    local = model.local_copy(clf.model)
-    extractor = tf_keras.Model(local.input, local.get_layer("pool").output)
-    extract = tf.function(lambda x: tf.cast(extractor(x, training=False), tf.float32))
-    return lambda images: extract(images).numpy()
-
-
 def _features(ctx: Run, extract: Any, files: list[str], shard: data.Shard) -> tuple[np.ndarray, np.ndarray]:
     """Pooled backbone features and labels of this worker's shard of ``files``, computed once."""
-    dataset = data.image_dataset(
-        files, ctx.inputs.image_size, max(64, ctx.config.train.batch_size), shard=shard
-    )
+    batch = max(64, ctx.config.train.batch_size)
+    return extract_features(extract, data.image_dataset(files, ctx.inputs.image_size, batch, shard=shard))
+
+
+def extract_features(extract: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``extract`` (see ``model.feature_extractor``) over every batch of ``dataset``."""
     parts, labels = [], []
     for images, batch_labels in dataset:
         parts.append(extract(images))
@@ -283,7 +268,7 @@ def _fit(
 def _exact_metrics(keras_model: Any, batches: Any) -> dict[str, float]:
     """Loss and accuracy over every eval example exactly once (chief only: plain calls,
     no collectives, so no example is repeated or dropped as in distributed validation)."""
-    predict = tf.function(lambda x: keras_model(x, training=False))
+    predict = tf.function(lambda x: keras_model(x, training=False), reduce_retracing=True)
     total, loss, correct = 0, 0.0, 0
     for x, y in batches:
         for start in range(0, len(y), 256):
