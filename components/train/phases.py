@@ -58,7 +58,7 @@ class Run:
     policy: str
 
     def say(self, message: str) -> None:
-        """Progress on the console: the chief's, or tagged with the worker elsewhere."""
+        """Progress on the console, from the chief only (other workers stay quiet)."""
         if self.cluster.is_chief:
             print(f"[train] {message}", flush=True)
 
