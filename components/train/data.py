@@ -30,11 +30,8 @@ def record_files(preprocess_dir: str, split: str) -> list[str]:
         StageError: the split has no shards (preprocessing has not run, or wrote elsewhere).
     """
     directory = storage.join(preprocess_dir, split)
-    files = (
-        sorted(f.uri for f in storage.list_files(directory) if f.uri.endswith(schema.TFRECORD_SUFFIX))
-        if storage.exists(directory)
-        else []
-    )
+    # list_files is sorted, and empty for a missing directory.
+    files = [f.uri for f in storage.list_files(directory) if f.uri.endswith(schema.TFRECORD_SUFFIX)]
     if not files:
         raise StageError(
             f"no {split} TFRecords under {directory}; run `finetune preprocess` with the same run_dir first"

@@ -1,9 +1,9 @@
 """Every distributed-training rule in one place.
 
 TF_CONFIG is parsed once into a :class:`Cluster`; the strategy is chosen from the
-environment (TPU, several workers, several local GPUs, or one device); only the chief
-writes final outputs, the other workers write to temporary paths that are removed; and
-``barrier`` lines the workers up where one of them has just changed shared files.
+environment (TPU, several workers, several local GPUs, or one device); ``is_chief`` says
+who writes final outputs (the others save to local temporary files, see ``phases._save``);
+and ``barrier`` lines the workers up where one of them has just changed shared files.
 
 Runs on every worker. The strategy must be created before TensorFlow runs any op, so
 :func:`create_strategy` is the first TensorFlow call of the training stage.
@@ -161,16 +161,6 @@ def use_xla(config: Config, device: str) -> bool:
     """``train.xla``: auto compiles with XLA on GPU and TPU, not on CPU."""
     choice = tri_state(config.train.xla)
     return choice == "true" or (choice == "auto" and device != "cpu")
-
-
-def worker_path(path: str, cluster: Cluster) -> str:
-    """Where this worker writes ``path``: the path itself on the chief, a per-worker
-    temporary sibling elsewhere (every worker must run the same saving code under
-    MultiWorkerMirroredStrategy, but only the chief's copy is kept)."""
-    if cluster.is_chief:
-        return path
-    parent, name = os.path.split(path.rstrip("/"))
-    return os.path.join(parent, f".workertemp-{cluster.worker_index}", name)
 
 
 def barrier(placement: Placement, cluster: Cluster) -> None:
