@@ -68,6 +68,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
+from common import write_result  # noqa: E402
 
 from components.preprocess import stage as preprocess_stage  # noqa: E402
 from components.train import data, distribute, model, phases  # noqa: E402
@@ -598,10 +599,7 @@ def main() -> None:
         result["seconds"] = round(time.perf_counter() - started, 1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
