@@ -132,6 +132,66 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluation of both models on the test split.
+
+    ``top_k`` is the k of top-k accuracy (at most the number of classes minus one, so it
+    never counts every answer right). ``bootstrap_samples`` resamples the paired test
+    examples for the confidence interval; ``calibration_bins`` are the bins of the expected
+    calibration error; ``misclassified_examples`` thumbnails go into the report.
+    """
+
+    top_k: int = 5
+    batch_size: int = 64
+    bootstrap_samples: int = 2000
+    calibration_bins: int = 10
+    misclassified_examples: int = 24
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The rule that blesses the candidate (see ``components.evaluate.gate.decide``).
+
+    The candidate is blessed only when its improvement over the frozen-feature baseline on
+    ``metric`` is at least ``min_improvement`` (absolute; negative lets a slightly worse
+    candidate through, -1 any candidate on a 0-1 metric) and the lower end of the paired
+    bootstrap interval at ``confidence`` is above it too. ``min_value``, when set, is a
+    floor (a ceiling for log_loss and ece) on the candidate's own value. With
+    ``compare_to_production`` the production model of ``registry.uri`` must not be
+    significantly better than the candidate on the same test examples.
+    """
+
+    metric: str = "accuracy"
+    min_improvement: float = 0.0
+    confidence: float = 0.95
+    min_value: float | None = None
+    compare_to_production: bool = False
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The blessed candidate's SavedModel (and TFLite model).
+
+    ``top_k`` classes (0: all) come back as ``class_ids`` and ``class_names``. ``tflite``
+    is ``auto`` (MobileNet-family backbones only), ``true`` or ``false``;
+    ``tflite_quantization`` is ``none`` (float32), ``dynamic`` (int8 weights) or ``float16``.
+    """
+
+    top_k: int = 5
+    tflite: str = "auto"
+    tflite_quantization: str = "dynamic"
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """The serving registry (TF Serving layout: ``<uri>/<name>/<version>/``)."""
+
+    uri: str = ""
+    production_alias: str = "production"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run: every stage reads its part of this tree."""
 
@@ -141,6 +201,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -222,6 +286,7 @@ def validate(config: Config) -> Config:
         problems.append(f"model.dropout: {config.model.dropout} must be in [0, 1)")
     problems.extend(_validate_preprocess(config.preprocess))
     problems.extend(_validate_train(config.train))
+    problems.extend(_validate_evaluate(config))
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return config
@@ -297,6 +362,47 @@ def _validate_train(t: TrainConfig) -> list[str]:
     return problems
 
 
+TFLITE_QUANTIZATION = ("none", "dynamic", "float16")
+
+
+def _validate_evaluate(config: Config) -> list[str]:
+    from components.evaluate.metrics import GATE_METRICS
+
+    e, g, x = config.evaluate, config.gate, config.export
+    problems = []
+    for key, value, low, high in (
+        ("evaluate.top_k", e.top_k, 1, 1000),
+        ("evaluate.batch_size", e.batch_size, 1, 65_536),
+        ("evaluate.bootstrap_samples", e.bootstrap_samples, 100, 10**6),
+        ("evaluate.calibration_bins", e.calibration_bins, 1, 1000),
+        ("evaluate.misclassified_examples", e.misclassified_examples, 0, 1000),
+        ("export.top_k", x.top_k, 0, 100_000),
+    ):
+        if not low <= value <= high:
+            problems.append(f"{key}: {value} must be between {low} and {high}")
+    if g.metric not in GATE_METRICS:
+        problems.append(
+            f"gate.metric: unknown metric '{g.metric}'{did_you_mean(g.metric, GATE_METRICS)} "
+            f"Valid: {', '.join(GATE_METRICS)}"
+        )
+    if not 0.5 <= g.confidence < 1.0:
+        problems.append(f"gate.confidence: {g.confidence} must be in [0.5, 1)")
+    if not -1.0 <= g.min_improvement <= 1.0 and g.metric not in ("log_loss",):
+        problems.append(f"gate.min_improvement: {g.min_improvement} must be between -1 and 1")
+    if g.compare_to_production and not config.registry.uri:
+        problems.append(
+            "gate.compare_to_production: needs registry.uri (where the production model is published)"
+        )
+    if tri_state(x.tflite) not in TRI_STATE:
+        problems.append(f"export.tflite: '{x.tflite}' must be one of {', '.join(TRI_STATE)}")
+    if x.tflite_quantization not in TFLITE_QUANTIZATION:
+        problems.append(
+            f"export.tflite_quantization: '{x.tflite_quantization}' must be one of "
+            f"{', '.join(TFLITE_QUANTIZATION)}"
+        )
+    return problems
+
+
 def _parse_value(raw: str) -> Any:
     if not raw.strip():
         return ""
@@ -348,6 +454,11 @@ def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if type(None) in args:  # `float | None`: null (YAML `~` or `null`) means unset
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
     if typing.get_origin(hint) is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
