@@ -19,6 +19,7 @@ examples:
   finetune preprocess --config configs/beans.yaml
   finetune preprocess --config my.yaml --set data.source=gs://bucket/images --set model.image_size=128
   finetune train --config configs/beans.yaml --set train.finetune_epochs=3
+  finetune evaluate --config configs/beans.yaml --set gate.min_improvement=0.02
   finetune config --config my.yaml          # print the resolved configuration
 
 Configuration is read in this order: built-in defaults, the YAML file, then --set overrides.
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Transfer learning for image classification at scale: preprocess labelled images "
             "with Apache Beam + tf.Transform into TFRecords, then train a frozen-feature "
-            "baseline and a fine-tuned candidate under tf.distribute (later stages: evaluate, "
-            "export, push)."
+            "baseline and a fine-tuned candidate under tf.distribute, evaluate both on the test "
+            "split and export the candidate only when the gate blesses it (later: push)."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -82,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
             "names several workers, MirroredStrategy on several GPUs, else one device. Outputs "
             "(models, histories, TensorBoard logs, summary.json) go to <run_dir>/train/; a "
             "restarted run resumes from its backup."
+        ),
+    )
+    sub.add_parser(
+        "evaluate",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="test split -> gate verdict; SavedModel (+ TFLite) export only when blessed; report.html",
+        description=(
+            "Score the baseline and the candidate of <run_dir>/train/ on the test split (which "
+            "no earlier stage read): accuracy, top-k, per-class precision/recall/F1, macro F1, "
+            "log loss, calibration error, confusion matrix. The gate blesses the candidate only "
+            "when it beats the baseline on gate.metric by gate.min_improvement and the paired "
+            "bootstrap interval's lower end is above that margin too (and, with "
+            "gate.compare_to_production, the production model is not better). Writes "
+            "<run_dir>/evaluate/verdict.json and a BLESSED or NOT_BLESSED marker, the export "
+            "under <run_dir>/export/ only when blessed, and <run_dir>/report.html. A candidate "
+            "that loses exits 0 with the reason; a missing model or empty test split exits 1."
         ),
     )
     sub.add_parser(
@@ -121,6 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from components.train import stage as train_stage
 
             train_stage.run(config)
+            return 0
+        if args.command == "evaluate":
+            from components.evaluate import stage as evaluate_stage
+
+            evaluate_stage.run(config)
             return 0
     except ConfigError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
