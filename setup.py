@@ -12,6 +12,7 @@ setup(
     ),
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["pipeline", "pipeline.*", "components", "components.*"]),
+    package_data={"components.evaluate": ["*.html.j2"]},  # the report's template
     install_requires=[
         "tensorflow==2.21.*",
         "tf-keras==2.21.*",
@@ -21,9 +22,11 @@ setup(
         "google-cloud-storage>=3,<4",
         "pillow>=11",
         "pyyaml>=6",
+        "matplotlib>=3.8",  # the run report's plots (Agg, rendered to PNG)
+        "jinja2>=3.1",  # the run report's HTML template
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2", "gcp-storage-emulator>=2024.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2", "gcp-storage-emulator>=2024.0", "selenium>=4.20"],
         "lint": ["ruff>=0.15"],
     },
     entry_points={"console_scripts": ["finetune=pipeline.cli:main"]},

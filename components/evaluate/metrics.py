@@ -131,9 +131,7 @@ def effective_top_k(top_k: int, num_classes: int) -> int:
     return max(1, min(top_k, num_classes - 1))
 
 
-def evaluate(
-    predictions: Predictions, classes: list[str], top_k: int = 5, bins: int = 10
-) -> dict[str, Any]:
+def evaluate(predictions: Predictions, classes: list[str], top_k: int = 5, bins: int = 10) -> dict[str, Any]:
     """Every metric of one model, as a JSON-ready dict (the report's and verdict's numbers).
 
     Raises:
