@@ -50,13 +50,13 @@ def run(config: Config) -> dict[str, Any]:
     out = storage.join(config.run_dir, STAGE)
     prep_dir, train_dir = storage.join(config.run_dir, "preprocess"), storage.join(config.run_dir, "train")
     summary = _read_summary(prep_dir, "preprocess")
-    _read_summary(train_dir, "train")
     classes, size = list(summary["classes"]), int(summary["image_size"])
     if not int(summary["records"].get("test", 0)):
         raise StageError(
             f"the test split of {prep_dir} is empty: nothing to decide on; give the data a test split "
             "(a test/ folder, a manifest split column, or data.split.test > 0) and re-run preprocessing"
         )
+    _read_summary(train_dir, "train")
     test_files = data.record_files(prep_dir, "test")
     models = {phase: _load_model(storage.join(train_dir, phase, "model.keras")) for phase in PHASES}
     storage.delete_tree(out)
