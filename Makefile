@@ -35,10 +35,11 @@ demo: install
 		--set data.source=$(DATA) --set run_dir=$(RUN_DIR)
 	$(VENV)/bin/finetune train --config configs/beans.yaml \
 		--set data.source=$(DATA) --set run_dir=$(RUN_DIR) --set model.weights=$(WEIGHTS)
-	@$(PY) -c "import json; s = json.load(open('$(RUN_DIR)/train/summary.json')); \
-		print(json.dumps({k: s[k] for k in ('strategy', 'replicas', 'global_batch_size')} | \
-		{p: {k: s[p][k] for k in ('eval', 'epochs', 'steps', 'seconds', 'images_per_second')} \
-		for p in ('baseline', 'candidate')}, indent=2))"
+	$(VENV)/bin/finetune evaluate --config configs/beans.yaml \
+		--set data.source=$(DATA) --set run_dir=$(RUN_DIR) --set model.weights=$(WEIGHTS)
+	@$(PY) -c "import json; v = json.load(open('$(RUN_DIR)/evaluate/verdict.json')); \
+		print(json.dumps({k: v[k] for k in ('blessed', 'metric', 'baseline', 'candidate', 'delta', \
+		'confidence_interval', 'test_examples')}, indent=2)); print('report: $(RUN_DIR)/report.html')"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -17,7 +17,10 @@ FINETUNE = [sys.executable, "-m", "pipeline.cli"]
 
 def test_help_lists_the_commands():
     result = subprocess.run([*FINETUNE, "--help"], capture_output=True, text=True, check=True)
-    assert all(c in result.stdout for c in ("preprocess", "train", "config")) and "--set" not in result.stderr
+    assert (
+        all(c in result.stdout for c in ("preprocess", "train", "evaluate", "config"))
+        and "--set" not in result.stderr
+    )
     sub = subprocess.run([*FINETUNE, "preprocess", "--help"], capture_output=True, text=True, check=True)
     assert "--config FILE" in sub.stdout and "--set KEY=VALUE" in sub.stdout
 

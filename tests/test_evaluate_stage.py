@@ -73,7 +73,7 @@ def _test_images(run_dir: str) -> tuple[list[bytes], np.ndarray, np.ndarray]:
 
 def test_forced_bless_exports_a_model_that_serves_raw_bytes(tiny_trained, tmp_path):
     run_dir = _copy(tiny_trained, tmp_path)
-    verdict = evaluate_stage.run(_config(run_dir, "gate.min_improvement=-1", "export.tflite=false"))
+    verdict = evaluate_stage.run(_config(run_dir, "gate.min_improvement=-1", "export.tflite=true"))
     assert verdict["blessed"] is True
     written = json.loads(open(os.path.join(run_dir, "evaluate", "verdict.json")).read())
     assert written == json.loads(json.dumps(verdict))
@@ -95,9 +95,12 @@ def test_forced_bless_exports_a_model_that_serves_raw_bytes(tiny_trained, tmp_pa
         len(json.loads(open(os.path.join(saved, "assets.extra", "fingerprint.json")).read())["sha256"]) == 64
     )
     assert verdict["export"]["max_difference_from_trained"] < 1e-5
-    assert "tflite" not in verdict["export"] and not os.path.exists(
-        os.path.join(run_dir, "export", "model.tflite")
-    )
+    tflite = verdict["export"]["tflite"]
+    assert tflite["quantization"] == "dynamic"  # int8 weights: about a quarter of the float size
+    assert os.path.getsize(os.path.join(run_dir, "export", "model.tflite")) == tflite["size_bytes"]
+    assert tflite["size_bytes"] < verdict["export"]["size_bytes"] / 3
+    assert tflite["saved_model_accuracy"] == verdict["export"]["accuracy"]
+    assert 0.0 <= tflite["accuracy"] <= 1.0 and tflite["latency_ms"] > 0
 
     served = tf.saved_model.load(saved)
     pngs = []

@@ -1,0 +1,188 @@
+"""End to end on the real beans photos with the real ImageNet MobileNetV2 0.35 weights:
+preprocess, train, evaluate; the gate blesses fine-tuning at 224 px; the export is
+hermetic (a fresh process with no project code serves raw JPEG and PNG bytes)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tf_keras
+from PIL import Image
+
+from components.evaluate import scoring
+from components.evaluate import stage as evaluate_stage
+from components.preprocess import images as image_core
+from components.train import data
+from components.train import model as _registers_custom_layers  # noqa: F401
+from components.train import stage as train_stage
+from tests.browser import CHROMIUM_AVAILABLE, CHROMIUM_MISSING, open_in_chromium
+from tests.preprocess_helpers import SHARED, run_stage
+from tests.train_helpers import MOBILENET_V2_035, train_config
+
+BEANS = os.path.join(SHARED, "beans")
+SIZE = 224  # at 96-128 px fine-tuning's gain on beans is within noise; at 224 it is clear
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (os.path.isdir(BEANS) and os.path.isfile(MOBILENET_V2_035)),
+        reason=f"real data or weights not found ({BEANS}, {MOBILENET_V2_035})",
+    ),
+]
+
+
+def _config(run_dir: str, *overrides: str):
+    return train_config(
+        run_dir,
+        f"model.image_size={SIZE}",
+        f"model.weights={MOBILENET_V2_035}",
+        "train.batch_size=32",
+        "train.baseline_epochs=5",
+        "train.finetune_epochs=5",
+        "train.baseline_learning_rate=0.001",
+        "export.tflite_quantization=none",  # float32, so it can be held to float tolerance
+        *overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def beans_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, dict]:
+    run_dir = str(tmp_path_factory.mktemp("beans_eval"))
+    run_stage(BEANS, run_dir, f"model.image_size={SIZE}", "preprocess.num_workers=0")
+    summary = train_stage.run(_config(run_dir))
+    verdict = evaluate_stage.run(_config(run_dir))
+    return run_dir, summary, verdict
+
+
+def test_gate_blesses_fine_tuning_and_exports(beans_run):
+    run_dir, summary, verdict = beans_run
+    assert summary["records"]["train"] + summary["records"]["eval"] == 1167  # train folder + validation
+    assert verdict["test_examples"] == 128  # the beans test folder, read only here
+    print(f"beans test accuracy: baseline {verdict['baseline']:.4f}, candidate {verdict['candidate']:.4f}")
+    assert verdict["baseline"] >= 0.75  # random weights give ~0.34: the ImageNet weights were loaded
+    assert verdict["blessed"] is True, verdict["reason"]
+    assert verdict["confidence_interval"][0] > 0.0
+    assert open(os.path.join(run_dir, "evaluate", "BLESSED")).read().strip() == verdict["reason"]
+    exported = verdict["export"]
+    assert exported["accuracy"] == pytest.approx(verdict["candidate"])
+    tflite = exported["tflite"]
+    assert tflite["accuracy"] == pytest.approx(exported["accuracy"], abs=0.01)
+    assert 0 < tflite["size_bytes"] < exported["size_bytes"]
+    assert os.path.getsize(os.path.join(run_dir, "export", "model.tflite")) == tflite["size_bytes"]
+    metrics = json.loads(open(os.path.join(run_dir, "evaluate", "metrics.json")).read())
+    for name in ("baseline", "candidate"):
+        assert set(metrics[name]["per_class"]) == {"healthy", "bean_rust", "angular_leaf_spot"}
+        assert 0.0 <= metrics[name]["ece"] <= 1.0 and metrics[name]["log_loss"] > 0
+
+
+@pytest.mark.skipif(not CHROMIUM_AVAILABLE, reason=CHROMIUM_MISSING)
+def test_report_renders_in_chromium_with_its_images(beans_run):
+    run_dir, _, verdict = beans_run
+    page = open_in_chromium(os.path.join(run_dir, "report.html"))
+    wrong = round((1 - verdict["candidate"]) * 128)
+    assert page["images"] >= 3 + min(wrong, 24)  # curves, confusion matrices, per-class bars, thumbnails
+    assert page["loaded"] == page["images"]
+    assert "BLESSED" in page["text"] and "bean_rust" in page["text"]
+
+
+def test_candidate_no_better_than_the_baseline_is_not_blessed(beans_run, tmp_path):
+    run_dir, _, blessed = beans_run
+    copy = str(tmp_path / "run")
+    for part in ("preprocess", "train"):
+        shutil.copytree(os.path.join(run_dir, part), os.path.join(copy, part))
+    train = os.path.join(copy, "train")
+    # No fine-tuning at all: the candidate is the baseline.
+    shutil.copy(
+        os.path.join(train, "baseline", "model.keras"), os.path.join(train, "candidate", "model.keras")
+    )
+    verdict = evaluate_stage.run(_config(copy))
+    assert verdict["blessed"] is False
+    assert verdict["candidate"] == verdict["baseline"] == blessed["baseline"]
+    assert "within noise" in verdict["reason"]
+    assert os.path.exists(os.path.join(copy, "evaluate", "NOT_BLESSED"))
+    assert not os.path.exists(os.path.join(copy, "export"))
+
+
+_SERVE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["components"] = sys.modules["pipeline"] = None  # no project code may be needed
+    import numpy as np, tensorflow as tf
+    saved_model, tflite, inputs, output = sys.argv[1:5]
+    given = np.load(inputs)
+    serve = tf.saved_model.load(saved_model).signatures["serving_default"]
+    out = {}
+    for kind in ("jpeg", "png", "camera"):
+        encoded = [bytes(b) for b in given[kind]]
+        result = serve(images=tf.constant(encoded))
+        out[kind] = result["probabilities"].numpy()
+        out[kind + "_names"] = result["class_names"].numpy()[:, 0].astype(str)
+    interpreter = tf.lite.Interpreter(model_path=tflite)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, given["pixels"].shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, given["pixels"])
+    interpreter.invoke()
+    out["tflite"] = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.savez(output, **out)
+    """
+)
+
+
+def test_export_is_hermetic(beans_run, tmp_path):
+    run_dir, summary, _ = beans_run
+    classes = summary["classes"]
+    files = data.record_files(os.path.join(run_dir, "preprocess"), "test")
+    batch = next(scoring.batches(files, SIZE, 24))
+    pixels = batch["pixels"].numpy()
+    trainer = tf_keras.models.load_model(os.path.join(run_dir, "train", "candidate", "model.keras"))
+    expected = trainer.predict(pixels, verbose=0)
+    pngs, camera, camera_expected = [], [], []
+    for image, uri in zip(pixels.astype(np.uint8), batch["uri"].numpy().astype(str), strict=True):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+        original = open(uri, "rb").read()  # the photo as the camera wrote it (500 x 500)
+        camera.append(original)
+        processed = image_core.process_image(original, SIZE)  # what the pipeline would train on
+        camera_expected.append(np.asarray(Image.open(io.BytesIO(processed.encoded)), np.float32))
+    camera_expected = trainer.predict(np.stack(camera_expected), verbose=0)
+    inputs = str(tmp_path / "inputs.npz")
+    as_objects = lambda items: np.array(items, dtype=object)  # noqa: E731
+    np.savez(
+        inputs,
+        jpeg=as_objects(list(batch["image"].numpy())),
+        png=as_objects(pngs),
+        camera=as_objects(camera),
+        pixels=pixels,
+    )
+    # Nothing of the run but the export is left.
+    for part in ("preprocess", "train", "evaluate"):
+        shutil.rmtree(os.path.join(run_dir, part))
+    served = str(tmp_path / "served.npz")
+    script = str(tmp_path / "serve.py")
+    with open(script, "w") as f:
+        f.write(_SERVE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    export_dir = os.path.join(run_dir, "export")
+    subprocess.run(
+        [sys.executable, script, os.path.join(export_dir, "saved_model"),
+         os.path.join(export_dir, "model.tflite"), inputs, served],
+        check=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    got = np.load(served, allow_pickle=True)
+    np.testing.assert_allclose(got["jpeg"], expected, atol=1e-5)  # the trainer's exact pixels
+    np.testing.assert_allclose(got["png"], expected, atol=1e-5)
+    np.testing.assert_allclose(got["tflite"], expected, atol=1e-4)
+    assert list(got["jpeg_names"]) == [classes[i] for i in expected.argmax(axis=1)]
+    # Full-size camera JPEGs: resized in the graph instead of by Pillow before training.
+    agree = np.mean(got["camera"].argmax(axis=1) == camera_expected.argmax(axis=1))
+    assert agree >= 0.9, agree
+    assert np.abs(got["camera"] - camera_expected).mean() < 0.05
