@@ -31,7 +31,7 @@ from components.evaluate import export, gate, metrics, report, scoring
 from components.preprocess import schema
 from components.train import data
 from components.train import model as _registers_custom_layers  # noqa: F401
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import Config, to_yaml
 from pipeline.errors import StageError
 
@@ -48,15 +48,18 @@ def run(config: Config) -> dict[str, Any]:
     """Evaluates, decides, exports when blessed, reports; returns the verdict as written."""
     started = time.perf_counter()
     out = storage.join(config.run_dir, STAGE)
-    prep_dir, train_dir = storage.join(config.run_dir, "preprocess"), storage.join(config.run_dir, "train")
-    summary = _read_summary(prep_dir, "preprocess")
+    prep_dir, train_dir = (
+        outputs.stage_dir(config.run_dir, "preprocess"),
+        outputs.stage_dir(config.run_dir, "train"),
+    )
+    summary = outputs.read_summary(config.run_dir, "preprocess")
     classes, size = list(summary["classes"]), int(summary["image_size"])
     if not int(summary["records"].get("test", 0)):
         raise StageError(
             f"the test split of {prep_dir} is empty: nothing to decide on; give the data a test split "
             "(a test/ folder, a manifest split column, or data.split.test > 0) and re-run preprocessing"
         )
-    _read_summary(train_dir, "train")
+    outputs.read_summary(config.run_dir, "train")
     test_files = data.record_files(prep_dir, "test")
     models = {phase: _load_model(storage.join(train_dir, phase, "model.keras")) for phase in PHASES}
     storage.delete_tree(out)
@@ -96,16 +99,6 @@ def run(config: Config) -> dict[str, Any]:
     )
     say(f"done in {time.perf_counter() - started:.1f} s; report: {report_path}")
     return verdict
-
-
-def _read_summary(directory: str, stage: str) -> dict[str, Any]:
-    path = storage.join(directory, "summary.json")
-    if not storage.exists(path):
-        raise StageError(f"{path} not found; run `finetune {stage}` with this config first")
-    summary = json.loads(storage.read_text(path))
-    if summary.get("status") != "ok":
-        raise StageError(f"the {stage} stage did not succeed ({path}: status {summary.get('status')})")
-    return summary
 
 
 def _load_model(path: str) -> Any:

@@ -26,7 +26,7 @@ import tf_keras
 
 from components.train import data, distribute, model, phases
 from components.train.phases import Inputs, Run
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import Config, resolved_image_size, to_yaml
 from pipeline.errors import StageError
 
@@ -45,13 +45,8 @@ def read_inputs(config: Config) -> Inputs:
         StageError: preprocessing has not run or failed, or its image size differs from
             ``model.image_size``.
     """
-    prep = storage.join(config.run_dir, "preprocess")
-    summary_path = storage.join(prep, "summary.json")
-    if not storage.exists(summary_path):
-        raise StageError(f"{summary_path} not found; run `finetune preprocess` with this config first")
-    summary = json.loads(storage.read_text(summary_path))
-    if summary.get("status") != "ok":
-        raise StageError(f"preprocessing did not succeed ({summary_path}: status {summary.get('status')})")
+    prep = outputs.stage_dir(config.run_dir, "preprocess")
+    summary = outputs.read_summary(config.run_dir, "preprocess")
     size = resolved_image_size(config)
     if summary["image_size"] != size:
         raise StageError(
