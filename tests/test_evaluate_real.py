@@ -28,12 +28,13 @@ from tests.preprocess_helpers import SHARED, run_stage
 from tests.train_helpers import MOBILENET_V2_035, train_config
 
 BEANS = os.path.join(SHARED, "beans")
-SIZE = 224  # at 96-128 px fine-tuning's gain on beans is within noise; at 224 it is clear
+RAW = os.path.join(SHARED, "beans_raw_sample")
+SIZE = 224  # at 96-128 px fine-tuning's gain on beans is within noise (../shared/datasets/README.md)
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not (os.path.isdir(BEANS) and os.path.isfile(MOBILENET_V2_035)),
-        reason=f"real data or weights not found ({BEANS}, {MOBILENET_V2_035})",
+        not (os.path.isdir(BEANS) and os.path.isdir(RAW) and os.path.isfile(MOBILENET_V2_035)),
+        reason=f"real data or weights not found ({BEANS}, {RAW}, {MOBILENET_V2_035})",
     ),
 ]
 
@@ -45,7 +46,12 @@ def _config(run_dir: str, *overrides: str):
         f"model.weights={MOBILENET_V2_035}",
         "train.batch_size=32",
         "train.baseline_epochs=5",
-        "train.finetune_epochs=5",
+        # The reference recipe of ../shared/datasets/README.md: every layer but BatchNorm
+        # unfrozen, Adam 1e-4 for 8 epochs (0.83 -> 0.93 there). Fewer epochs, or only the
+        # top blocks, gain +0.03 to +0.06 on these 128 test images: within noise, not blessed.
+        "train.unfreeze=1.0",
+        "train.finetune_epochs=8",
+        "train.finetune_learning_rate=0.0001",
         "train.baseline_learning_rate=0.001",
         "export.tflite_quantization=none",  # float32, so it can be held to float tolerance
         *overrides,
@@ -144,15 +150,20 @@ def test_export_is_hermetic(beans_run, tmp_path):
     pixels = batch["pixels"].numpy()
     trainer = tf_keras.models.load_model(os.path.join(run_dir, "train", "candidate", "model.keras"))
     expected = trainer.predict(pixels, verbose=0)
-    pngs, camera, camera_expected = [], [], []
-    for image, uri in zip(pixels.astype(np.uint8), batch["uri"].numpy().astype(str), strict=True):
+    pngs = []
+    for image in pixels.astype(np.uint8):
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
         pngs.append(buffer.getvalue())
-        original = open(uri, "rb").read()  # the photo as the camera wrote it (500 x 500)
-        camera.append(original)
-        processed = image_core.process_image(original, SIZE)  # what the pipeline would train on
-        camera_expected.append(np.asarray(Image.open(io.BytesIO(processed.encoded)), np.float32))
+    # Full-size photos as the phone wrote them (500 x 500): resized in the serving graph here,
+    # by Pillow in the preprocessing stage.
+    camera, camera_expected = [], []
+    for label in sorted(os.listdir(RAW)):
+        for name in sorted(os.listdir(os.path.join(RAW, label)))[:8]:
+            original = open(os.path.join(RAW, label, name), "rb").read()
+            camera.append(original)
+            processed = image_core.process_image(original, SIZE)  # what the pipeline trains on
+            camera_expected.append(np.asarray(Image.open(io.BytesIO(processed.encoded)), np.float32))
     camera_expected = trainer.predict(np.stack(camera_expected), verbose=0)
     inputs = str(tmp_path / "inputs.npz")
     as_objects = lambda items: np.array(items, dtype=object)  # noqa: E731
@@ -182,7 +193,7 @@ def test_export_is_hermetic(beans_run, tmp_path):
     np.testing.assert_allclose(got["png"], expected, atol=1e-5)
     np.testing.assert_allclose(got["tflite"], expected, atol=1e-4)
     assert list(got["jpeg_names"]) == [classes[i] for i in expected.argmax(axis=1)]
-    # Full-size camera JPEGs: resized in the graph instead of by Pillow before training.
+    # Full-size photos: the graph's antialiased resize against Pillow's, then JPEG at quality 95.
     agree = np.mean(got["camera"].argmax(axis=1) == camera_expected.argmax(axis=1))
     assert agree >= 0.9, agree
     assert np.abs(got["camera"] - camera_expected).mean() < 0.05

@@ -71,9 +71,16 @@ def _test_images(run_dir: str) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     return jpegs, np.concatenate(pixels), np.concatenate(labels)
 
 
-def test_forced_bless_exports_a_model_that_serves_raw_bytes(tiny_trained, tmp_path):
-    run_dir = _copy(tiny_trained, tmp_path)
-    verdict = evaluate_stage.run(_config(run_dir, "gate.min_improvement=-1", "export.tflite=true"))
+@pytest.fixture(scope="module")
+def blessed(tiny_trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """A copy of the tiny run evaluated with gate.min_improvement=-1 (which blesses any
+    candidate: how tests and dry runs force an export), with the TFLite model."""
+    run_dir = _copy(tiny_trained, tmp_path_factory.mktemp("blessed"))
+    return run_dir, evaluate_stage.run(_config(run_dir, "gate.min_improvement=-1", "export.tflite=true"))
+
+
+def test_forced_bless_exports_a_model_that_serves_raw_bytes(blessed):
+    run_dir, verdict = blessed
     assert verdict["blessed"] is True
     written = json.loads(open(os.path.join(run_dir, "evaluate", "verdict.json")).read())
     assert written == json.loads(json.dumps(verdict))
@@ -137,13 +144,12 @@ def test_candidate_no_better_than_baseline_is_not_blessed_and_old_export_goes(ti
     assert "NOT BLESSED" in open(os.path.join(run_dir, "report.html"), encoding="utf-8").read()
 
 
-def test_production_champion_is_compared_on_the_same_examples(tiny_trained, tmp_path):
+def test_production_champion_is_compared_on_the_same_examples(tiny_trained, blessed, tmp_path):
+    first_dir, first = blessed
     run_dir = _copy(tiny_trained, tmp_path)
     reg = str(tmp_path / "registry")
-    first = evaluate_stage.run(_config(run_dir, "gate.min_improvement=-1", "export.tflite=false"))
-    assert first["blessed"]
-    # Publish the export as version 3 and point production at it (the push stage's layout).
-    shutil.copytree(os.path.join(run_dir, "export", "saved_model"), registry.version_uri(reg, "model", 3))
+    # Publish the blessed export as version 3 and point production at it (the push stage's layout).
+    shutil.copytree(os.path.join(first_dir, "export", "saved_model"), registry.version_uri(reg, "model", 3))
     os.makedirs(os.path.dirname(registry.alias_uri(reg, "model", "production")))
     with open(registry.alias_uri(reg, "model", "production"), "w") as f:
         json.dump({"version": 3}, f)

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -171,7 +172,11 @@ class TFLiteClassifier:
     """Runs a TFLite classifier on batches of pixels (for its test accuracy and latency)."""
 
     def __init__(self, model: bytes):
-        self._interpreter = tf.lite.Interpreter(model_content=model, num_threads=os.cpu_count())
+        with warnings.catch_warnings():
+            # TF 2.21 still ships tf.lite.Interpreter but warns that ai_edge_litert's (another
+            # dependency) will replace it; the warning is noise on every evaluate run.
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            self._interpreter = tf.lite.Interpreter(model_content=model, num_threads=os.cpu_count())
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
         self._batch = -1

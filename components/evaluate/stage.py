@@ -64,27 +64,12 @@ def run(config: Config) -> dict[str, Any]:
     models = {phase: _load_model(storage.join(train_dir, phase, "model.keras")) for phase in PHASES}
     storage.delete_tree(out)
     storage.write_text(storage.join(out, "config.yaml"), to_yaml(config))
-    champion, champion_note = _find_champion(config, classes)
-    scorers = {phase: scoring.keras_scorer(models[phase]) for phase in PHASES}
-    if champion:
-        scorers["champion"] = scoring.signature_scorer(champion[1].signatures[export.SERVING_EXAMPLES])
+    scored, verdict = _score_and_decide(config, models, test_files, classes, size)
     e = config.evaluate
-    say(f"scoring {', '.join(scorers)} on the test split ({summary['records']['test']} images)")
-    scored = scoring.score(scorers, test_files, size, e.batch_size, classes, e.misclassified_examples)
     results = {
         name: metrics.evaluate(scored.predictions(name), classes, e.top_k, e.calibration_bins)
         for name in scored.probs
     }
-    verdict = gate.decide(
-        scored.predictions("candidate"),
-        scored.predictions("baseline"),
-        config.gate,
-        e,
-        gate.Champion(champion[0], scored.predictions("champion")) if champion else None,
-    ).to_dict()
-    if champion_note:
-        verdict["champion_note"] = champion_note
-        say(champion_note)
     say(("BLESSED: " if verdict["blessed"] else "NOT BLESSED: ") + verdict["reason"])
     storage.delete_tree(storage.join(config.run_dir, "export"))  # never leave an older export behind
     facts = {phase: _model_facts(models[phase], train_dir, phase, size) for phase in PHASES}
@@ -99,6 +84,31 @@ def run(config: Config) -> dict[str, Any]:
     )
     say(f"done in {time.perf_counter() - started:.1f} s; report: {report_path}")
     return verdict
+
+
+def _score_and_decide(
+    config: Config, models: dict[str, Any], test_files: list[str], classes: list[str], size: int
+) -> tuple[scoring.Scored, dict[str, Any]]:
+    """Scores both models (and the production champion, when asked for and comparable) on
+    the same test examples and lets the gate decide; returns the scores and the verdict."""
+    champion, champion_note = _find_champion(config, classes)
+    scorers = {phase: scoring.keras_scorer(models[phase]) for phase in PHASES}
+    if champion:
+        scorers["champion"] = scoring.signature_scorer(champion[1].signatures[export.SERVING_EXAMPLES])
+    e = config.evaluate
+    say(f"scoring {', '.join(scorers)} on the test split")
+    scored = scoring.score(scorers, test_files, size, e.batch_size, classes, e.misclassified_examples)
+    verdict = gate.decide(
+        scored.predictions("candidate"),
+        scored.predictions("baseline"),
+        config.gate,
+        e,
+        gate.Champion(champion[0], scored.predictions("champion")) if champion else None,
+    ).to_dict()
+    if champion_note:
+        verdict["champion_note"] = champion_note
+        say(champion_note)
+    return scored, verdict
 
 
 def _load_model(path: str) -> Any:
