@@ -127,23 +127,6 @@ def test_forced_bless_exports_a_model_that_serves_raw_bytes(blessed):
     assert "BLESSED" in report and classes[0] in report
 
 
-def test_candidate_no_better_than_baseline_is_not_blessed_and_old_export_goes(tiny_trained, tmp_path):
-    run_dir = _copy(tiny_trained, tmp_path)
-    stale = os.path.join(run_dir, "export", "saved_model", "saved_model.pb")
-    os.makedirs(os.path.dirname(stale))
-    open(stale, "wb").close()
-    train = os.path.join(run_dir, "train")
-    shutil.copy(
-        os.path.join(train, "baseline", "model.keras"), os.path.join(train, "candidate", "model.keras")
-    )
-    verdict = evaluate_stage.run(_config(run_dir))
-    assert verdict["blessed"] is False
-    assert verdict["delta"] == 0.0 and "within noise" in verdict["reason"]
-    assert os.path.exists(os.path.join(run_dir, "evaluate", "NOT_BLESSED"))
-    assert not os.path.exists(os.path.join(run_dir, "export"))
-    assert "NOT BLESSED" in open(os.path.join(run_dir, "report.html"), encoding="utf-8").read()
-
-
 def test_production_champion_is_compared_on_the_same_examples(tiny_trained, blessed, tmp_path):
     first_dir, first = blessed
     run_dir = _copy(tiny_trained, tmp_path)
@@ -164,9 +147,10 @@ def test_production_champion_is_compared_on_the_same_examples(tiny_trained, bles
     # A production model with other labels is not comparable: said, not silently skipped.
     with open(os.path.join(registry.version_uri(reg, "model", 3), "assets.extra", "labels.txt"), "w") as f:
         f.write("cat\ndog\n")
-    verdict = evaluate_stage.run(_config(run_dir, *overrides, f"registry.uri={reg}"))
-    assert verdict["champion"] is None
-    assert "not comparable" in verdict["champion_note"]
+    config = _config(run_dir, *overrides, f"registry.uri={reg}")
+    champion, note = evaluate_stage._find_champion(config, ["blue", "green", "red"])
+    assert champion is None
+    assert "not comparable" in note
 
 
 def test_missing_model_and_empty_test_split_are_errors(tiny_trained, tiny_prepared, tmp_path):
@@ -179,22 +163,28 @@ def test_missing_model_and_empty_test_split_are_errors(tiny_trained, tiny_prepar
         evaluate_stage.run(_config(tiny_prepared))
 
 
-def test_cli_exit_codes(tiny_trained, tmp_path, capsys):
+def test_candidate_no_better_than_baseline_is_not_blessed_through_the_cli(tiny_trained, tmp_path, capsys):
     run_dir = _copy(tiny_trained, tmp_path)
+    stale = os.path.join(run_dir, "export", "saved_model", "saved_model.pb")
+    os.makedirs(os.path.dirname(stale))
+    open(stale, "wb").close()
+    train = os.path.join(run_dir, "train")
+    shutil.copy(
+        os.path.join(train, "baseline", "model.keras"), os.path.join(train, "candidate", "model.keras")
+    )
     args = ["evaluate", "--set", f"run_dir={run_dir}", "--set", "data.source=x"]
-    sizes = [
-        "--set",
-        f"model.image_size={TINY_SIZE}",
-        "--set",
-        "model.alpha=0.35",
-        "--set",
-        "model.weights=none",
-    ]
-    code = main([*args, *sizes, "--set", "gate.min_improvement=0.9"])
-    assert code == 0  # a losing candidate is a normal outcome
+    for key, value in (("model.image_size", TINY_SIZE), ("model.alpha", 0.35), ("model.weights", "none")):
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0  # a losing candidate is a normal outcome
     assert "NOT BLESSED" in capsys.readouterr().out
-    shutil.rmtree(os.path.join(run_dir, "train"))
-    assert main([*args, *sizes]) == 1
+    verdict = json.loads(open(os.path.join(run_dir, "evaluate", "verdict.json")).read())
+    assert verdict["blessed"] is False
+    assert verdict["delta"] == 0.0 and "within noise" in verdict["reason"]
+    assert os.path.exists(os.path.join(run_dir, "evaluate", "NOT_BLESSED"))
+    assert not os.path.exists(os.path.join(run_dir, "export"))  # the stale export is gone
+    assert "NOT BLESSED" in open(os.path.join(run_dir, "report.html"), encoding="utf-8").read()
+    shutil.rmtree(train)
+    assert main(args) == 1
     assert "run `finetune train`" in capsys.readouterr().err
 
 
