@@ -34,11 +34,9 @@ from pipeline.errors import StageError
 
 # Metrics that are means of a per-example score: their bootstrap is one vectorised step.
 _PER_EXAMPLE = {
-    "accuracy": lambda p, y, k: (p.argmax(axis=1) == y).astype(np.float64),
-    "top_k_accuracy": lambda p, y, k: (
-        (np.argsort(-p, axis=1, kind="stable")[:, :k] == y[:, None]).any(axis=1).astype(np.float64)
-    ),
-    "log_loss": lambda p, y, k: -np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1.0)),
+    "accuracy": lambda p, y, k: metrics.correct(p, y),
+    "top_k_accuracy": metrics.top_k_hits,
+    "log_loss": lambda p, y, k: metrics.example_log_loss(p, y),
 }
 
 

@@ -51,22 +51,36 @@ class Predictions:
         return int(self.labels.shape[0])
 
 
+def correct(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per example: 1.0 where the most probable class is the true one."""
+    return (probs.argmax(axis=1) == labels).astype(np.float64)
+
+
+def top_k_hits(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per example: 1.0 where the true class is among the ``k`` most probable (ties broken
+    by class order, as ``argsort`` does)."""
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return (top == labels[:, None]).any(axis=1).astype(np.float64)
+
+
+def example_log_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per example: negative log-probability of the true class (clipped at 1e-7)."""
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], _EPSILON, 1.0))
+
+
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of examples whose most probable class is the true one."""
-    return float(np.mean(probs.argmax(axis=1) == labels))
+    return float(np.mean(correct(probs, labels)))
 
 
 def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of examples whose true class is among the ``k`` most probable (ties broken
-    by class order, as ``argsort`` does)."""
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return float(np.mean((top == labels[:, None]).any(axis=1)))
+    """Fraction of examples whose true class is among the ``k`` most probable."""
+    return float(np.mean(top_k_hits(probs, labels, k)))
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-probability of the true class (clipped at 1e-7)."""
-    picked = probs[np.arange(len(labels)), labels]
-    return float(np.mean(-np.log(np.clip(picked, _EPSILON, 1.0))))
+    return float(np.mean(example_log_loss(probs, labels)))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
