@@ -30,6 +30,8 @@ KNOWN_RUNNERS = (
     "PortableRunner",
 )
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Registry aliases: file names in the registry and TF Serving version labels.
+ALIAS_RE = re.compile(r"^[a-z][-a-z0-9_]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -185,10 +187,17 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    """The serving registry (TF Serving layout: ``<uri>/<name>/<version>/``)."""
+    """The serving registry (TF Serving layout: ``<uri>/<name>/<version>/``).
+
+    ``uri`` is a local directory or gs:// prefix (empty: ``finetune push`` refuses, and
+    ``finetune run`` stops after evaluate). ``production_alias`` is the alias the gate's
+    ``compare_to_production`` reads. ``promote_to`` (empty: none) is the alias that
+    ``finetune run`` moves to a newly pushed version.
+    """
 
     uri: str = ""
     production_alias: str = "production"
+    promote_to: str = ""
 
 
 @dataclass(frozen=True)
@@ -393,6 +402,17 @@ def _validate_evaluate(config: Config) -> list[str]:
         problems.append(
             "gate.compare_to_production: needs registry.uri (where the production model is published)"
         )
+    for key, alias in (
+        ("registry.production_alias", config.registry.production_alias),
+        ("registry.promote_to", config.registry.promote_to),
+    ):
+        if alias and not ALIAS_RE.match(alias):
+            problems.append(
+                f"{key}: '{alias}' must be 1-63 lowercase letters, digits, '-' or '_', starting "
+                "with a letter (e.g. production, staging)"
+            )
+    if config.registry.promote_to and not config.registry.uri:
+        problems.append("registry.promote_to: needs registry.uri (the registry that holds the alias)")
     if tri_state(x.tflite) not in TRI_STATE:
         problems.append(f"export.tflite: '{x.tflite}' must be one of {', '.join(TRI_STATE)}")
     if x.tflite_quantization not in TFLITE_QUANTIZATION:
