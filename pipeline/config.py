@@ -48,10 +48,14 @@ class DataConfig:
     """Where the labelled images are.
 
     ``source`` is a directory of class folders, a directory of split folders, or a CSV or
-    JSONL manifest of ``uri,label[,split]``; a local path or a gs:// URI.
+    JSONL manifest of ``uri,label[,split]``; a local path or a gs:// URI. ``download`` lists
+    .zip / .tar / .tar.gz / .tgz archives (https://, http://, gs:// or a local path) that
+    fill a local ``source`` directory when it is missing or empty (see
+    ``pipeline.download``); a ``source`` that holds files is used as it is.
     """
 
     source: str = ""
+    download: list[str] = field(default_factory=list)
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
@@ -269,6 +273,7 @@ def validate(config: Config) -> Config:
         problems.append("run_dir: required (a local directory or gs:// URI for all outputs)")
     if not config.data.source:
         problems.append("data.source: required (image folder, split folders, or CSV/JSONL manifest)")
+    problems.extend(_validate_download(config.data))
     split = config.data.split
     fractions = {"train": split.train, "eval": split.eval, "test": split.test}
     for key, value in fractions.items():
@@ -299,6 +304,32 @@ def validate(config: Config) -> Config:
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return config
+
+
+def _validate_download(d: DataConfig) -> list[str]:
+    """``data.download``: known archive suffixes and schemes, and only for a local folder."""
+    if not d.download:
+        return []
+    from components.preprocess.sources import MANIFEST_SUFFIXES
+    from pipeline.download import ARCHIVE_SUFFIXES, DOWNLOAD_SCHEMES, archive_suffix, url_scheme
+
+    problems = []
+    for i, url in enumerate(d.download):
+        if url_scheme(url) not in DOWNLOAD_SCHEMES:
+            problems.append(
+                f"data.download[{i}]: '{url}' must be an https://, http:// or gs:// URL, or a local path"
+            )
+        elif not archive_suffix(url):
+            problems.append(
+                f"data.download[{i}]: '{url}' is not an archive; expected a name ending in "
+                f"{', '.join(ARCHIVE_SUFFIXES)}"
+            )
+    if d.source and (url_scheme(d.source) or d.source.lower().endswith(MANIFEST_SUFFIXES)):
+        problems.append(
+            f"data.download: only fills a local data.source folder, but data.source is '{d.source}'; "
+            "put the extracted images there yourself, or set data.download to []"
+        )
+    return problems
 
 
 def _validate_preprocess(p: PreprocessConfig) -> list[str]:
@@ -483,6 +514,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return dict(value)
+    if typing.get_origin(hint) is list:
+        return _coerce_list(name, value, hint)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -498,3 +531,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, (str, int, float)):
             return str(value)
     raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
+
+
+def _coerce_list(name: str, value: Any, hint: Any) -> list[Any]:
+    """A YAML list whose items have the element type; a lone scalar is an error, not a list."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{name}: expected a list (YAML: [a, b] or one '- item' per line), got {value!r}")
+    (item_hint,) = typing.get_args(hint)
+    return [_coerce(f"{name}[{i}]", item, item_hint) for i, item in enumerate(value)]

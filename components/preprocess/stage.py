@@ -26,6 +26,7 @@ from components.preprocess.sources import Listing, discover
 from components.preprocess.splits import SPLITS
 from pipeline import storage
 from pipeline.config import Config, resolved_image_size, to_yaml
+from pipeline.download import ensure_source
 from pipeline.errors import StageError
 
 STAGE = "preprocess"
@@ -119,8 +120,10 @@ def run(config: Config) -> dict[str, Any]:
     Raises:
         ConfigError: when the source cannot be listed.
         StageError: when too many inputs were bad or nothing is left to train on; the dead
-            letters and summary.json are still published, the records are not.
+            letters and summary.json are still published, the records are not. Also when
+            ``data.download`` is needed and an archive cannot be fetched or extracted.
     """
+    ensure_source(config)  # fills a missing local data.source from data.download
     started = time.time()
     size = resolved_image_size(config)
     listing = discover(config.data.source)
