@@ -84,13 +84,36 @@ def _published(run_dir: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names)
 
 
-def test_two_workers_agree_on_the_weights_and_only_the_chief_writes(tiny_prepared, tmp_path):
-    run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
-    chief, worker = _wait(
-        _start(run_dir, str(tmp_path), ["train.baseline_epochs=2", "train.finetune_epochs=2"]), str(tmp_path)
-    )
+@pytest.fixture(scope="module")
+def resumed(tiny_prepared, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """One two-worker run, killed once the candidate phase has backed up and restarted to
+    the end (every multi-worker check shares it: each start costs two TensorFlow processes).
+    Returns the run directory and the chief's and the other worker's output of both starts."""
+    logs = str(tmp_path_factory.mktemp("multiworker"))
+    run_dir = copy_prepared(tiny_prepared, os.path.join(logs, "run"))
+    settings = ["train.baseline_epochs=1", "train.finetune_epochs=2", "train.backup_every_steps=5"]
+    procs = _start(run_dir, logs, settings)
+    checkpoint = os.path.join(run_dir, "train", "backup", "candidate", "chief", "checkpoint")
+    deadline = time.monotonic() + 600
+    try:
+        while not os.path.exists(checkpoint):  # the candidate phase has backed up at least once
+            assert all(p.poll() is None for p in procs), "a worker ended before the candidate phase backed up"
+            assert time.monotonic() < deadline, "no candidate backup after 600 s"
+            time.sleep(0.05)
+    finally:  # kill both workers (also when the wait failed: no stray TensorFlow processes)
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert not os.path.exists(os.path.join(run_dir, "train", "summary.json"))
 
+    chief, worker = _wait(_start(run_dir, logs, settings), logs)  # the logs of both starts
+    return run_dir, chief, worker
+
+
+def test_two_workers_agree_on_the_weights_and_only_the_chief_writes(resumed):
+    run_dir, chief, worker = resumed
     assert "MultiWorkerMirroredStrategy (worker 1/2" in chief and "[train] " not in worker
+    # The baseline's digests are from the first start, the candidate's from the restart.
     chief_digests, worker_digests = _digests(chief), _digests(worker)
     assert set(chief_digests) == {"baseline", "candidate"}
     assert chief_digests == worker_digests  # bit-identical weights on both workers
@@ -115,27 +138,13 @@ def test_two_workers_agree_on_the_weights_and_only_the_chief_writes(tiny_prepare
     assert "summary.json" in files and "config.yaml" in files
 
 
-def test_killed_workers_resume_from_the_backup_and_finish_the_planned_steps(tiny_prepared, tmp_path):
-    run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
-    settings = ["train.baseline_epochs=1", "train.finetune_epochs=3", "train.backup_every_steps=5"]
-    procs = _start(run_dir, str(tmp_path), settings)
-    checkpoint = os.path.join(run_dir, "train", "backup", "candidate", "chief", "checkpoint")
-    deadline = time.monotonic() + 600
-    while not os.path.exists(checkpoint):  # the candidate phase has backed up at least once
-        assert all(p.poll() is None for p in procs), "a worker ended before the candidate phase backed up"
-        assert time.monotonic() < deadline, "no candidate backup after 600 s"
-        time.sleep(0.05)
-    for proc in procs:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not os.path.exists(os.path.join(run_dir, "train", "summary.json"))
-
-    chief, _ = _wait(_start(run_dir, str(tmp_path), settings), str(tmp_path))
+def test_killed_workers_resume_from_the_backup_and_finish_the_planned_steps(resumed):
+    run_dir, chief, _ = resumed
     restarted = chief.split("resuming the unfinished run")[-1]
     assert "baseline: already trained in this run directory" in restarted
     assert "candidate: resuming from the backup" in restarted
     summary = json.load(open(os.path.join(run_dir, "train", "summary.json")))
     candidate = summary["candidate"]
-    assert candidate["steps"] == candidate["planned_steps"] == 3 * (63 // 8)
+    assert candidate["steps"] == candidate["planned_steps"] == 2 * (63 // 8)
     assert 0 < candidate["steps_run"] < candidate["planned_steps"]  # it did not start over
     assert not os.path.exists(os.path.join(run_dir, "train", "backup"))
