@@ -6,13 +6,17 @@ directly) and carry the ``gcs`` marker, registered below so no pytest.ini is nee
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -140,3 +144,69 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> str:
     summary = stage.run(config)
     assert summary["records"]["train"] > 40 and summary["records"]["eval"] > 15, summary["records"]
     return str(root / "run")
+
+
+class _Tee(io.TextIOBase):
+    """Writes to several text streams at once (keeps a copy of what is printed)."""
+
+    def __init__(self, *streams: Any) -> None:
+        super().__init__()
+        self._streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self._streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self._streams:
+            stream.flush()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A run trained once per session: ``run_dir``, the summary ``stage.run`` returned and
+    what the stage printed. Tests must not change ``run_dir``: copy it first
+    (``train_helpers.copy_trained``)."""
+
+    run_dir: str
+    summary: dict
+    printed: str
+
+
+@pytest.fixture(scope="session")
+def tiny_training(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """90 colour images at 32 px split 60/20/20 (53 train, 14 eval, 23 test images),
+    preprocessed and trained with ``train_helpers.train_config`` (no overrides) once per
+    session, by the real stages; shared by the training and the evaluation tests."""
+    from components.preprocess import stage
+    from components.train import stage as train_stage
+    from pipeline.config import load_config
+    from tests.train_helpers import TINY_SIZE, make_colour_images, train_config
+
+    root = tmp_path_factory.mktemp("tiny_trained")
+    make_colour_images(str(root / "images"))
+    run_dir = str(root / "run")
+    stage.run(
+        load_config(
+            None,
+            [
+                f"data.source={root / 'images'}",
+                f"run_dir={run_dir}",
+                f"model.image_size={TINY_SIZE}",
+                "data.split={train: 0.6, eval: 0.2, test: 0.2}",
+                "preprocess.num_workers=1",
+                "preprocess.num_shards=2",
+            ],
+        )
+    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, printed)):
+        summary = train_stage.run(train_config(run_dir))
+    return TrainedRun(run_dir, summary, printed.getvalue())
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_training: TrainedRun) -> str:
+    """The run directory of ``tiny_training`` (read only: copy it to change anything)."""
+    return tiny_training.run_dir

@@ -16,37 +16,9 @@ from components import registry
 from components.evaluate import export, scoring
 from components.evaluate import stage as evaluate_stage
 from components.train import data
-from components.train import stage as train_stage
 from pipeline.cli import main
 from pipeline.errors import StageError
 from tests.train_helpers import TINY_SIZE, train_config
-
-
-@pytest.fixture(scope="module")
-def tiny_trained(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """90 colour images at 32 px with a test split, preprocessed and trained once."""
-    from components.preprocess import stage
-    from pipeline.config import load_config
-    from tests.train_helpers import make_colour_images
-
-    root = tmp_path_factory.mktemp("tiny_eval")
-    make_colour_images(str(root / "images"))
-    run_dir = str(root / "run")
-    stage.run(
-        load_config(
-            None,
-            [
-                f"data.source={root / 'images'}",
-                f"run_dir={run_dir}",
-                f"model.image_size={TINY_SIZE}",
-                "data.split={train: 0.6, eval: 0.2, test: 0.2}",
-                "preprocess.num_workers=1",
-                "preprocess.num_shards=2",
-            ],
-        )
-    )
-    train_stage.run(train_config(run_dir))
-    return run_dir
 
 
 def _config(run_dir: str, *overrides: str):

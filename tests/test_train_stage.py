@@ -12,7 +12,7 @@ import tf_keras
 from components.train import data, stage
 from components.train import model as _registers_custom_layers  # noqa: F401
 from pipeline.errors import StageError
-from tests.train_helpers import TINY_SIZE, copy_prepared, train_config
+from tests.train_helpers import TINY_SIZE, copy_prepared, copy_trained, train_config
 
 
 def _load(path: str):
@@ -25,11 +25,9 @@ def _eval_images(run_dir: str):
     return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches])
 
 
-def test_trains_both_phases_and_the_cached_baseline_equals_the_assembled_model(
-    tiny_prepared, tmp_path, capsys
-):
-    run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
-    summary = stage.run(train_config(run_dir))
+def test_trains_both_phases_and_the_cached_baseline_equals_the_assembled_model(tiny_training):
+    # The session's tiny run, trained with train_config(run_dir): read here, never changed.
+    run_dir, summary = tiny_training.run_dir, tiny_training.summary
     out = os.path.join(run_dir, "train")
     assert sorted(os.listdir(out)) == ["baseline", "candidate", "config.yaml", "logs", "summary.json"]
     for phase in ("baseline", "candidate"):
@@ -38,12 +36,12 @@ def test_trains_both_phases_and_the_cached_baseline_equals_the_assembled_model(
         result = summary[phase]
         assert result["steps"] == result["steps_run"] == result["planned_steps"]
         assert result["planned_steps"] == result["epochs"] * result["steps_per_epoch"]
-        assert result["eval"]["examples"] == summary["records"]["eval"] == 27
+        assert result["eval"]["examples"] == summary["records"]["eval"] == 14
         assert result["images_per_second"] > 0
     assert (summary["strategy"], summary["replicas"], summary["global_batch_size"]) == ("default", 1, 8)
-    assert summary["baseline"]["steps_per_epoch"] == 63 // 8
+    assert summary["baseline"]["steps_per_epoch"] == 53 // 8
     assert json.loads(open(os.path.join(out, "summary.json")).read()) == summary
-    assert "candidate: fine-tuning from layer block_13_expand" in capsys.readouterr().out
+    assert "candidate: fine-tuning from layer block_13_expand" in tiny_training.printed
 
     # The baseline's eval metrics were computed by the head on cached features; the saved,
     # assembled model (preprocess -> backbone -> pool -> head) must give the same on images.
@@ -74,14 +72,15 @@ def test_trains_both_phases_and_the_cached_baseline_equals_the_assembled_model(
     )
 
 
-def test_an_unfinished_run_resumes_and_a_finished_or_changed_one_starts_over(tiny_prepared, tmp_path, capsys):
-    run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
+def test_an_unfinished_run_resumes_and_a_finished_or_changed_one_starts_over(tiny_training, tmp_path, capsys):
+    # A copy of the session's tiny run, trained with train_config(run_dir) as if here.
+    run_dir = copy_trained(tiny_training.run_dir, str(tmp_path / "run"))
+    first = tiny_training.summary
     out = os.path.join(run_dir, "train")
-    first = stage.run(train_config(run_dir, "train.baseline_epochs=1"))
     # Interrupted after the baseline: the summary and the candidate are not there yet.
     os.remove(os.path.join(out, "summary.json"))
     os.remove(os.path.join(out, "candidate", "result.json"))
-    resumed = stage.run(train_config(run_dir, "train.baseline_epochs=1"))
+    resumed = stage.run(train_config(run_dir))
     printed = capsys.readouterr().out
     assert (
         "resuming the unfinished run" in printed
@@ -90,12 +89,12 @@ def test_an_unfinished_run_resumes_and_a_finished_or_changed_one_starts_over(tin
     assert resumed["baseline"] == first["baseline"]
     assert resumed["candidate"]["steps"] == resumed["candidate"]["planned_steps"]
 
-    again = stage.run(train_config(run_dir, "train.baseline_epochs=1"))
+    again = stage.run(train_config(run_dir))
     assert "replacing the finished run" in capsys.readouterr().out
     assert again["baseline"]["steps"] == again["baseline"]["planned_steps"]
 
     os.remove(os.path.join(out, "summary.json"))
-    stage.run(train_config(run_dir, "train.baseline_epochs=2"))
+    stage.run(train_config(run_dir, "train.baseline_epochs=1"))
     assert "had another configuration; starting over" in capsys.readouterr().out
 
 

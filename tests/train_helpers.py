@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.config import load_config, to_yaml
 
 SHARED_WEIGHTS = os.environ.get("FINETUNE_WEIGHTS") or os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "weights"
@@ -54,4 +54,17 @@ def train_config(run_dir: str, *overrides: str):
 def copy_prepared(prepared: str, run_dir: str) -> str:
     """Copies a preprocessed run (its ``preprocess/`` folder) into a fresh ``run_dir``."""
     shutil.copytree(os.path.join(prepared, "preprocess"), os.path.join(run_dir, "preprocess"))
+    return run_dir
+
+
+def copy_trained(trained: str, run_dir: str) -> str:
+    """Copies a run trained with ``train_config`` and no overrides (its ``preprocess/`` and
+    ``train/`` folders) into a fresh ``run_dir``, as if it had been trained there: the copy's
+    ``train/config.yaml`` names ``run_dir``, as the stage writes it."""
+    for part in ("preprocess", "train"):
+        shutil.copytree(os.path.join(trained, part), os.path.join(run_dir, part))
+    config_path = os.path.join(run_dir, "train", "config.yaml")
+    assert open(config_path).read() == to_yaml(train_config(trained))  # what the copy stands for
+    with open(config_path, "w") as f:
+        f.write(to_yaml(train_config(run_dir)))
     return run_dir
