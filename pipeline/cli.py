@@ -20,6 +20,9 @@ examples:
   finetune preprocess --config my.yaml --set data.source=gs://bucket/images --set model.image_size=128
   finetune train --config configs/beans.yaml --set train.finetune_epochs=3
   finetune evaluate --config configs/beans.yaml --set gate.min_improvement=0.02
+  finetune push --config configs/beans.yaml --set registry.uri=registry
+  finetune run --config configs/beans.yaml   # all stages; unchanged ones are skipped
+  finetune registry list --registry registry
   finetune config --config my.yaml          # print the resolved configuration
 
 Configuration is read in this order: built-in defaults, the YAML file, then --set overrides.
@@ -50,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Transfer learning for image classification at scale: preprocess labelled images "
             "with Apache Beam + tf.Transform into TFRecords, then train a frozen-feature "
             "baseline and a fine-tuned candidate under tf.distribute, evaluate both on the test "
-            "split and export the candidate only when the gate blesses it (later: push)."
+            "split, export the candidate only when the gate blesses it, and push it to a versioned "
+            "serving registry (TF Serving layout) whose aliases move by compare-and-swap."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -103,6 +107,39 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub.add_parser(
+        "push",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="blessed export -> the registry's next version (atomic, infra-validated)",
+        description=(
+            "Publish <run_dir>/export/saved_model as the next integer version of <name> in "
+            "registry.uri (TF Serving's layout). The staged copy gets TF Serving warm-up requests "
+            "and is loaded and queried once before it becomes visible; a local registry renames "
+            "it into place, a gs:// one uploads saved_model.pb last, then a commit record is "
+            "written. Racing pushes get distinct versions. A candidate that was not blessed, or "
+            "an export already published (same fingerprint), pushes nothing and exits 0. With "
+            "registry.promote_to the alias is moved to the new version."
+        ),
+    )
+    run_parser = sub.add_parser(
+        "run",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="the whole pipeline: preprocess, train, evaluate (gate + export), push",
+        description=(
+            "Run every stage in order and record each stage's status, time and outputs in "
+            "<run_dir>/run.json. A stage whose inputs did not change (a content fingerprint of "
+            "the input images and of the configuration it depends on) is skipped; a failed "
+            "stage stops the run, keeps the earlier outputs, and the next run resumes there. "
+            "Push runs when registry.uri is set; with registry.promote_to the new version is "
+            "also moved to that alias."
+        ),
+    )
+    run_parser.add_argument("--force", action="store_true", help="re-run every stage, changed or not")
+    from pipeline import registry_cli
+
+    registry_cli.add_parser(sub)
+    sub.add_parser(
         "config",
         parents=[common],
         help="print the resolved configuration (defaults + file + overrides) as YAML",
@@ -124,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        if args.command == "registry":
+            from pipeline import registry_cli
+
+            return registry_cli.main(args)
         from pipeline.config import load_config, to_yaml
 
         config = load_config(args.config, args.overrides)
@@ -144,6 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from components.evaluate import stage as evaluate_stage
 
             evaluate_stage.run(config)
+            return 0
+        if args.command == "push":
+            from components.push import stage as push_stage
+
+            push_stage.run(config)
+            return 0
+        if args.command == "run":
+            from pipeline import run as pipeline_run
+
+            pipeline_run.run(config, force=args.force)
             return 0
     except ConfigError as e:
         print(f"finetune: error: {e}", file=sys.stderr)

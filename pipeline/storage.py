@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -177,6 +178,62 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+class AlreadyExists(FileExistsError):
+    """:func:`create_exclusive` lost: the file was there (another writer created it first)."""
+
+
+@functools.cache
+def _gcs_client(endpoint: str | None):
+    """One google-cloud-storage client per endpoint (``STORAGE_EMULATOR_HOST`` or the real one)."""
+    from google.cloud import storage as gcs
+
+    return gcs.Client()
+
+
+def _gcs_blob(uri: str):
+    """The google-cloud-storage blob for ``gs://bucket/name`` (honours STORAGE_EMULATOR_HOST)."""
+    bucket, _, name = uri[len("gs://") :].partition("/")
+    if not bucket or not name:
+        raise ValueError(f"not a gs://bucket/object URI: {uri}")
+    return _gcs_client(os.environ.get("STORAGE_EMULATOR_HOST")).bucket(bucket).blob(name)
+
+
+def create_exclusive(uri: str, data: bytes) -> None:
+    """Creates a file only if it does not exist yet; of racing writers exactly one wins.
+
+    This is the registry's compare-and-swap: on GCS an upload with the precondition
+    ``if_generation_match=0`` (the object must not exist), locally ``os.link`` of a
+    complete temporary file (which fails when the name exists). Either way the file
+    appears complete or not at all.
+
+    Raises:
+        AlreadyExists: the file exists (naming ``uri``).
+    """
+    if is_gcs(uri):
+        from google.api_core.exceptions import PreconditionFailed
+
+        try:
+            _gcs_blob(uri).upload_from_string(data, if_generation_match=0)
+        except PreconditionFailed:
+            raise AlreadyExists(errno.EEXIST, "already exists", uri) from None
+        return
+    if not _is_local(uri):
+        raise ValueError(f"create_exclusive supports local paths and gs:// only, not {uri}")
+    path = os.path.abspath(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise AlreadyExists(errno.EEXIST, "already exists", uri) from None
+    finally:
+        os.remove(tmp)
+
+
 def delete_tree(prefix: str) -> None:
     """Deletes a file, or everything under a directory/prefix; a missing one is fine.
 
@@ -208,6 +265,12 @@ def _pairs(src_prefix: str, dst_prefix: str) -> list[tuple[str, str]]:
 
 def _same_remote(src: str, dst: str) -> bool:
     return not _is_local(src) and FileSystems.get_scheme(src) == FileSystems.get_scheme(dst)
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copies one file between local paths and URIs, streaming; the destination appears
+    complete or not at all (see :func:`write_bytes`)."""
+    _write_chunks(dst, _iter_chunks(src))
 
 
 def copy_tree(src_prefix: str, dst_prefix: str) -> int:
