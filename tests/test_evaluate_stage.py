@@ -15,6 +15,7 @@ from PIL import Image
 from components import registry
 from components.evaluate import export, scoring
 from components.evaluate import stage as evaluate_stage
+from components.push import stage as push_stage
 from components.train import data
 from pipeline.cli import main
 from pipeline.errors import StageError
@@ -103,21 +104,20 @@ def test_production_champion_is_compared_on_the_same_examples(tiny_trained, bles
     first_dir, first = blessed
     run_dir = _copy(tiny_trained, tmp_path)
     reg = str(tmp_path / "registry")
-    # Publish the blessed export as version 3 and point production at it (the push stage's layout).
-    shutil.copytree(os.path.join(first_dir, "export", "saved_model"), registry.version_uri(reg, "model", 3))
-    os.makedirs(os.path.dirname(registry.alias_uri(reg, "model", "production")))
-    with open(registry.alias_uri(reg, "model", "production"), "w") as f:
-        json.dump({"version": 3}, f)
+    # The push stage publishes the blessed export as version 1 and points production at it.
+    pushed_run = shutil.copytree(first_dir, str(tmp_path / "pushed"))
+    pushed = push_stage.run(_config(pushed_run, f"registry.uri={reg}", "registry.promote_to=production"))
+    assert pushed["version"] == 1 and pushed["promoted"]["alias"] == "production"
     overrides = ["gate.min_improvement=-1", "export.tflite=false", "gate.compare_to_production=true"]
     verdict = evaluate_stage.run(_config(run_dir, *overrides, f"registry.uri={reg}"))
     champion = verdict["champion"]
-    assert champion["version"] == 3
+    assert champion["version"] == 1
     assert champion["value"] == pytest.approx(first["candidate"])  # the same model, the same examples
     assert champion["delta"] == 0.0 and champion["passed"] is True
     assert verdict["blessed"] is True
 
     # A production model with other labels is not comparable: said, not silently skipped.
-    with open(os.path.join(registry.version_uri(reg, "model", 3), "assets.extra", "labels.txt"), "w") as f:
+    with open(os.path.join(registry.version_uri(reg, "model", 1), "assets.extra", "labels.txt"), "w") as f:
         f.write("cat\ndog\n")
     config = _config(run_dir, *overrides, f"registry.uri={reg}")
     champion, note = evaluate_stage._find_champion(config, ["blue", "green", "red"])
