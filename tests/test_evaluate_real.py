@@ -1,6 +1,7 @@
 """End to end on the real beans photos with the real ImageNet MobileNetV2 0.35 weights:
-preprocess, train, evaluate; the gate blesses fine-tuning at 224 px; the export is
-hermetic (a fresh process with no project code serves raw JPEG and PNG bytes)."""
+``finetune run`` preprocesses, trains, evaluates and pushes; the gate blesses fine-tuning at
+224 px; the registry's version is hermetic (a fresh process with no project code serves raw
+JPEG and PNG bytes from it); a second run skips every stage."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ import pytest
 import tf_keras
 from PIL import Image
 
+from components import registry
 from components.evaluate import scoring
 from components.evaluate import stage as evaluate_stage
 from components.preprocess import images as image_core
 from components.train import data
 from components.train import model as _registers_custom_layers  # noqa: F401
-from components.train import stage as train_stage
+from pipeline import run as pipeline_run
 from tests.browser import CHROMIUM_AVAILABLE, CHROMIUM_MISSING, open_in_chromium
-from tests.preprocess_helpers import SHARED, run_stage
+from tests.preprocess_helpers import SHARED
 from tests.train_helpers import MOBILENET_V2_035, train_config
 
 BEANS = os.path.join(SHARED, "beans")
@@ -61,12 +63,26 @@ def _config(run_dir: str, *overrides: str):
     )
 
 
+def _pipeline_config(run_dir: str, *overrides: str):
+    """The whole pipeline on beans: preprocess, train, evaluate, push to a local registry."""
+    return _config(
+        run_dir,
+        "name=beans",
+        f"data.source={BEANS}",
+        "preprocess.num_workers=0",
+        f"registry.uri={os.path.join(run_dir, 'registry')}",
+        "registry.promote_to=production",
+        *overrides,
+    )
+
+
 @pytest.fixture(scope="module")
 def beans_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, dict]:
     run_dir = str(tmp_path_factory.mktemp("beans_eval"))
-    run_stage(BEANS, run_dir, f"model.image_size={SIZE}", "preprocess.num_workers=0")
-    summary = train_stage.run(_config(run_dir))
-    verdict = evaluate_stage.run(_config(run_dir))
+    record = pipeline_run.run(_pipeline_config(run_dir))
+    assert [e["status"] for e in record["stages"].values()] == ["ok"] * 4, record
+    summary = json.loads(open(os.path.join(run_dir, "preprocess", "summary.json")).read())
+    verdict = json.loads(open(os.path.join(run_dir, "evaluate", "verdict.json")).read())
     return run_dir, summary, verdict
 
 
@@ -89,6 +105,27 @@ def test_gate_blesses_fine_tuning_and_exports(beans_run):
     for name in ("baseline", "candidate"):
         assert set(metrics[name]["per_class"]) == {"healthy", "bean_rust", "angular_leaf_spot"}
         assert 0.0 <= metrics[name]["ece"] <= 1.0 and metrics[name]["log_loss"] > 0
+
+
+def test_the_blessed_model_is_pushed_and_a_second_run_skips_every_stage(beans_run, capsys):
+    run_dir, _, verdict = beans_run
+    registry_uri = os.path.join(run_dir, "registry")
+    pushed = json.loads(open(os.path.join(run_dir, "push", "summary.json")).read())
+    assert pushed["pushed"] and pushed["version"] == 1
+    assert pushed["promoted"] == {"alias": "production", "version": 1, "moved": True, "previous": None}
+    assert os.path.isfile(os.path.join(registry_uri, "beans", "1", "saved_model.pb"))
+    record = registry.get_version(registry_uri, "beans", 1)
+    assert record["verdict"]["candidate"] == verdict["candidate"]
+    assert record["labels"] == sorted(["healthy", "bean_rust", "angular_leaf_spot"])
+    assert record["infra_validation"]["requests"] == 1
+    assert registry.resolve_alias(registry_uri, "beans", "production") == 1
+
+    capsys.readouterr()
+    again = pipeline_run.run(_pipeline_config(run_dir))
+    assert [e["status"] for e in again["stages"].values()] == ["skipped"] * 4
+    out = capsys.readouterr().out
+    assert "verdict: BLESSED" in out and "registry: version 1 of 'beans'" in out
+    assert [r["version"] for r in registry.versions(registry_uri, "beans")] == [1]
 
 
 @pytest.mark.skipif(not CHROMIUM_AVAILABLE, reason=CHROMIUM_MISSING)
@@ -177,7 +214,7 @@ def test_export_is_hermetic(beans_run, tmp_path):
         camera=as_objects(camera),
         pixels=pixels,
     )
-    # Nothing of the run but the export is left.
+    # Nothing of the run but the registry and the TFLite export is left.
     for part in ("preprocess", "train", "evaluate"):
         shutil.rmtree(os.path.join(run_dir, part))
     served = str(tmp_path / "served.npz")
@@ -186,8 +223,9 @@ def test_export_is_hermetic(beans_run, tmp_path):
         f.write(_SERVE)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     export_dir = os.path.join(run_dir, "export")
+    published = os.path.join(run_dir, "registry", "beans", "1")  # what TF Serving would load
     subprocess.run(
-        [sys.executable, script, os.path.join(export_dir, "saved_model"),
+        [sys.executable, script, published,
          os.path.join(export_dir, "model.tflite"), inputs, served],
         check=True, cwd=tmp_path, env=env, timeout=300,
     )  # fmt: skip
