@@ -25,12 +25,16 @@ from components.preprocess import images as image_core
 from components.train import data
 from components.train import model as _registers_custom_layers  # noqa: F401
 from pipeline import run as pipeline_run
+from pipeline.config import load_config
 from tests.browser import CHROMIUM_AVAILABLE, CHROMIUM_MISSING, open_in_chromium
 from tests.preprocess_helpers import SHARED
-from tests.train_helpers import MOBILENET_V2_035, train_config
+from tests.train_helpers import MOBILENET_V2_035
 
 BEANS = os.path.join(SHARED, "beans")
 RAW = os.path.join(SHARED, "beans_raw_sample")
+DEMO_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "beans.yaml"
+)
 SIZE = 224  # at 96-128 px fine-tuning's gain on beans is within noise (../shared/datasets/README.md)
 pytestmark = [
     pytest.mark.slow,
@@ -42,24 +46,17 @@ pytestmark = [
 
 
 def _config(run_dir: str, *overrides: str):
-    return train_config(
-        run_dir,
-        f"model.image_size={SIZE}",
-        f"model.weights={MOBILENET_V2_035}",
-        "train.batch_size=32",
-        "train.baseline_epochs=5",
-        # The reference recipe of ../shared/datasets/README.md: every layer but BatchNorm
-        # unfrozen, Adam 1e-4 for 8 epochs (0.83 -> 0.93 there). Fewer epochs, or only the
-        # top blocks, gain +0.03 to +0.06 on these 128 test images: within noise, not blessed.
-        "train.unfreeze=1.0",
-        "train.finetune_epochs=6",  # the demo allows 8; the best epoch came by the 3rd
-        "train.finetune_learning_rate=0.0001",
-        # Keep the epoch with the lowest eval loss: the eval accuracy of single epochs swings
-        # by several points, and the last epoch is not always a good one.
-        "train.early_stopping_patience=2",
-        "train.baseline_learning_rate=0.001",
-        "export.tflite_quantization=none",  # float32, so it can be held to float tolerance
-        *overrides,
+    """The demo's own configuration (configs/beans.yaml), so this test checks that its recipe
+    really beats the baseline; only where things are, and the TFLite precision, differ."""
+    return load_config(
+        DEMO_CONFIG,
+        [
+            f"run_dir={run_dir}",
+            f"data.source={BEANS}",
+            f"model.weights={MOBILENET_V2_035}",
+            "export.tflite_quantization=none",  # float32, so it can be held to float tolerance
+            *overrides,
+        ],
     )
 
 
@@ -67,9 +64,6 @@ def _pipeline_config(run_dir: str, *overrides: str):
     """The whole pipeline on beans: preprocess, train, evaluate, push to a local registry."""
     return _config(
         run_dir,
-        "name=beans",
-        f"data.source={BEANS}",
-        "preprocess.num_workers=0",
         f"registry.uri={os.path.join(run_dir, 'registry')}",
         "registry.promote_to=production",
         *overrides,
