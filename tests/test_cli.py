@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import yaml
 
 from pipeline.cli import main
+from pipeline.errors import StageError
 from tests.image_fixtures import make_odd_and_bad
 
 FINETUNE = [sys.executable, "-m", "pipeline.cli"]
@@ -50,17 +52,44 @@ def test_bad_config_exits_2_before_any_work(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_preprocess_with_only_source_and_run_dir(tmp_path, capsys):
+def test_preprocess_with_only_source_and_run_dir(tmp_path, capsys, monkeypatch):
+    from components.preprocess import stage
+
     source = tmp_path / "src"
-    make_odd_and_bad(str(source))
+    expected = make_odd_and_bad(str(source))
     run_dir = tmp_path / "run"
     (tmp_path / "c.yaml").write_text(f"data: {{source: {source}}}\nrun_dir: {run_dir}\n")
     # The failing run in this process (no second interpreter to start: TensorFlow and Beam
-    # are already imported); the passing one below as a user runs it.
+    # are already imported); the passing one below as a user runs it. The failing run is
+    # also the stage's too-many-bad-inputs check: what it raised and what it left behind.
+    raised = []
+
+    def run_and_record(config):
+        try:
+            return real_run(config)
+        except Exception as e:
+            raised.append(e)
+            raise
+
+    real_run = stage.run
+    monkeypatch.setattr(stage, "run", run_and_record)
     code = main(["preprocess", "--config", str(tmp_path / "c.yaml"), "--set", "preprocess.num_workers=1"])
     err = capsys.readouterr().err
     assert code == 1, err  # the fixture is mostly bad input
     assert "inputs were bad" in err and "dead_letter.jsonl" in err
+    assert len(raised) == 1 and isinstance(raised[0], StageError), raised
+    assert re.search(r"inputs were bad .* preprocess.max_bad_fraction 10.0%", str(raised[0]))
+    prep = run_dir / "preprocess"
+    dead = [
+        json.loads(line) for line in (prep / "dead_letter.jsonl").read_text().splitlines() if line.strip()
+    ]
+    assert len(dead) == sum(reason is not None for reason in expected.values())
+    failed = json.loads((prep / "summary.json").read_text())
+    assert failed["status"] == "failed" and "max_bad_fraction" in failed["error"]
+    assert not os.path.exists(prep / "train")
+    assert not os.path.exists(prep / "transform_fn")
+    monkeypatch.undo()
+
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     result = subprocess.run(
         [
