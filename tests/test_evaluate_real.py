@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from pipeline import run as pipeline_run
 from pipeline.config import load_config
 from tests.browser import CHROMIUM_AVAILABLE, CHROMIUM_MISSING, open_in_chromium
 from tests.preprocess_helpers import SHARED
+from tests.test_real_data import check_all_inputs, files_and_labels
 from tests.train_helpers import MOBILENET_V2_035
 
 BEANS = os.path.join(SHARED, "beans")
@@ -64,6 +66,7 @@ def _pipeline_config(run_dir: str, *overrides: str):
     """The whole pipeline on beans: preprocess, train, evaluate, push to a local registry."""
     return _config(
         run_dir,
+        "preprocess.num_workers=2",  # Beam's local runner with two worker processes
         f"registry.uri={os.path.join(run_dir, 'registry')}",
         "registry.promote_to=production",
         *overrides,
@@ -99,6 +102,20 @@ def test_gate_blesses_fine_tuning_and_exports(beans_run):
     for name in ("baseline", "candidate"):
         assert set(metrics[name]["per_class"]) == {"healthy", "bean_rust", "angular_leaf_spot"}
         assert 0.0 <= metrics[name]["ece"] <= 1.0 and metrics[name]["log_loss"] > 0
+
+
+def test_beans_split_folders_preprocessed_on_two_workers(beans_run):
+    run_dir, summary, _ = beans_run
+    expected = files_and_labels(BEANS)
+    assert len(expected) == 1295
+    records = check_all_inputs(summary, run_dir, expected, SIZE)
+    assert summary["layout"] == "split_folders"
+    assert summary["records"]["test"] == 128
+    assert summary["per_class"]["test"] == {"angular_leaf_spot": 43, "bean_rust": 43, "healthy": 42}
+    assert 0.08 < summary["records"]["eval"] / 1167 < 0.15  # eval carved from train: 0.1 / 0.9
+    assert all("/test/" in r["uri"] for r in records["test"])
+    assert not any("/test/" in r["uri"] for r in records["train"] + records["eval"])
+    assert Counter(r["label"] for r in records["train"]).keys() == {0, 1, 2}
 
 
 def test_the_blessed_model_is_pushed_and_a_second_run_skips_every_stage(beans_run, capsys):

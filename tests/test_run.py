@@ -386,9 +386,7 @@ def test_real_stages_skip_when_up_to_date_and_resume_after_a_failure(tmp_path, m
         ),
         ("source moved", move_source),
     ):
-        started = time.perf_counter()
         record = orchestrator.run(make())
-        assert time.perf_counter() - started < 5.0, label
         assert set(_statuses(record).values()) == {"skipped"} and _mtimes(run_dir) == before, label
         assert "[run] 2/4 train: unchanged since " in capsys.readouterr().out
 
