@@ -107,7 +107,8 @@ def main(args: argparse.Namespace) -> int:
                 f"'{args.alias}' of '{args.name}' already points at version {args.version}; nothing changed"
             )
         else:
-            print(f"'{args.alias}' of '{args.name}': version {move.previous} -> {move.version}")
+            before = "unset" if move.previous is None else f"version {move.previous}"
+            print(f"'{args.alias}' of '{args.name}': {before} -> version {move.version}")
     elif command == "rollback":
         move = registry.rollback(uri, args.name, args.alias, args.reason)
         print(f"'{args.alias}' of '{args.name}' rolled back: version {move.previous} -> {move.version}")

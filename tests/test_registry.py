@@ -185,7 +185,7 @@ def test_registry_commands(tmp_path, capsys: pytest.CaptureFixture) -> None:
     code, out, _ = _cli(
         capsys, "registry", "promote", NAME, str(v1), "--alias", "production", "--registry", reg
     )
-    assert code == 0 and "None -> 1" in out
+    assert code == 0 and "unset -> version 1" in out
     _cli(capsys, "registry", "promote", NAME, str(v2), "--alias", "production", "--registry", reg)
 
     code, out, _ = _cli(capsys, "registry", "list", "--registry", reg)
@@ -199,7 +199,7 @@ def test_registry_commands(tmp_path, capsys: pytest.CaptureFixture) -> None:
     assert json.loads(out)["verdict"]["candidate"] == 0.93
 
     code, out, _ = _cli(capsys, "registry", "rollback", NAME, "--alias", "production", "--registry", reg)
-    assert code == 0 and "2 -> 1" in out
+    assert code == 0 and "version 2 -> 1" in out
     code, out, _ = _cli(capsys, "registry", "history", NAME, "--json", "--registry", reg)
     assert [(m["action"], m["version"]) for m in json.loads(out)] == [
         ("promote", 1),
