@@ -23,7 +23,6 @@ This module is the registry's pure bookkeeping over the storage edge; the push s
 
 from __future__ import annotations
 
-import datetime
 import getpass
 import json
 import re
@@ -31,7 +30,7 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline import storage
+from pipeline import storage, utc_now
 from pipeline.config import ALIAS_RE
 from pipeline.errors import ConfigError, StageError
 
@@ -57,11 +56,6 @@ def version_uri(registry: str, name: str, version: int) -> str:
 
 def _meta(registry: str, name: str, *parts: str) -> str:
     return storage.join(registry, name, META, *parts)
-
-
-def now() -> str:
-    """The current UTC time as ISO 8601 with seconds, e.g. ``2026-11-26T09:30:00Z``."""
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def who() -> str:
@@ -270,7 +264,9 @@ def _move(
     """
     last = moves[-1] if moves else None
     seq = last.seq + 1 if last else 1
-    move = AliasMove(alias, seq, int(version), last.version if last else None, action, who(), now(), reason)
+    move = AliasMove(
+        alias, seq, int(version), last.version if last else None, action, who(), utc_now(), reason
+    )
     path = _meta(registry, name, "aliases", alias, f"{seq:08d}.json")
     try:
         storage.create_exclusive(path, (json.dumps(move.to_dict(), indent=2) + "\n").encode())

@@ -171,38 +171,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             sys.stdout.write(to_yaml(config))
             return 0
-        if args.command == "preprocess":
-            from components.preprocess import stage
-
-            stage.run(config)
-            return 0
-        if args.command == "train":
-            from components.train import stage as train_stage
-
-            train_stage.run(config)
-            return 0
-        if args.command == "evaluate":
-            from components.evaluate import stage as evaluate_stage
-
-            evaluate_stage.run(config)
-            return 0
-        if args.command == "push":
-            from components.push import stage as push_stage
-
-            push_stage.run(config)
-            return 0
         if args.command == "run":
             from pipeline import run as pipeline_run
 
             pipeline_run.run(config, force=args.force)
             return 0
+        import importlib
+
+        from pipeline.run import STAGES  # the one table of stage name -> module
+
+        module = {stage.name: stage.module for stage in STAGES}[args.command]
+        importlib.import_module(module).run(config)
+        return 0
     except ConfigError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
     except FinetuneError as e:
         print(f"finetune {args.command}: failed: {e}", file=sys.stderr)
         return 1
-    raise AssertionError(f"unhandled command {args.command}")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ Runs in one process (a laptop, or one pod); in a cluster, run the stages as sepa
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import hashlib
 import importlib
-import importlib.metadata
 import json
 import os
 import time
@@ -32,9 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-import pipeline
 from components.preprocess.sources import MANIFEST_SUFFIXES, discover
-from pipeline import outputs, storage
+from pipeline import code_version, outputs, storage, utc_now
 from pipeline.config import Config, resolved_image_size
 from pipeline.download import ensure_source
 from pipeline.errors import ConfigError, FinetuneError, StageError
@@ -238,14 +235,6 @@ def _flatten(key: str, value: Any) -> dict[str, Any]:
     }
 
 
-def code_version() -> str:
-    """``pipeline.__version__`` when it is set, else the installed package's version."""
-    try:
-        return getattr(pipeline, "__version__", None) or importlib.metadata.version("finetune-pipeline")
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
 def stage_keys(config: Config, fingerprint: str) -> dict[str, str]:
     """Each stage's key: hash(previous key, its configuration slice, the package version);
     the input data's fingerprint comes before preprocess."""
@@ -283,10 +272,6 @@ def decide(previous: dict[str, Any] | None, key: str, earlier_ran: bool, force: 
     if earlier_ran:
         return False, "an earlier stage ran"
     return True, f"unchanged since {previous['completed']}"
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _say(message: str) -> None:
@@ -332,7 +317,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     last = (read_record(config.run_dir) or {}).get("stages", {})
     record: dict[str, Any] = {
         "status": "running",
-        "started": _now(),
+        "started": utc_now(),
         "finished": None,
         "seconds": None,
         "force": force,
@@ -347,11 +332,11 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         skip, why = decide(last.get(stage.name), keys[stage.name], earlier_ran, force)
         facts = stage.finished(config) if skip else None
         if stage.name == "push" and not config.registry.uri:
-            entry.update(status="skipped", started=_now(), seconds=0.0, reason=NO_REGISTRY, outputs={})
+            entry.update(status="skipped", started=utc_now(), seconds=0.0, reason=NO_REGISTRY, outputs={})
             _say(f"{label}: skipped ({NO_REGISTRY})")
         elif facts is not None:
             completed = last[stage.name]["completed"]
-            entry.update(status="skipped", started=_now(), seconds=0.0, reason=why, completed=completed)
+            entry.update(status="skipped", started=utc_now(), seconds=0.0, reason=why, completed=completed)
             entry["outputs"] = facts
             _say(f"{label}: {why}, skipped")
         else:
@@ -360,7 +345,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
                 _fail(config, record, stage.name, error, clock)
             earlier_ran = True
         _write(config, record)
-    record.update(status="ok", finished=_now(), seconds=round(time.perf_counter() - clock, 3))
+    record.update(status="ok", finished=utc_now(), seconds=round(time.perf_counter() - clock, 3))
     _write(config, record)
     _report(config, record)
     return record
@@ -379,7 +364,7 @@ def _check_one_process() -> None:
 def _execute(config: Config, record: dict[str, Any], stage: Stage, label: str, why: str) -> Exception | None:
     """Runs one stage in this process and records it; returns its exception, if it raised."""
     entry = record["stages"][stage.name]
-    entry.update(status="running", started=_now(), seconds=None, reason=why)
+    entry.update(status="running", started=utc_now(), seconds=None, reason=why)
     _write(config, record)
     _say(f"{label}: running ({why})")
     clock = time.perf_counter()
@@ -396,7 +381,9 @@ def _execute(config: Config, record: dict[str, Any], stage: Stage, label: str, w
         facts |= {
             k: result[k] for k in ("blessed", "reason", "pushed", "version") if k in result and k not in facts
         }
-    entry.update(status="ok", seconds=round(time.perf_counter() - clock, 3), completed=_now(), outputs=facts)
+    entry.update(
+        status="ok", seconds=round(time.perf_counter() - clock, 3), completed=utc_now(), outputs=facts
+    )
     _say(f"{label}: done in {entry['seconds']:.1f} s")
     return None
 
@@ -407,7 +394,7 @@ def _fail(config: Config, record: dict[str, Any], stage: str, exc: Exception, cl
     kept = [n for n, e in record["stages"].items() if e["status"] in ("ok", "skipped") and e.get("completed")]
     record.update(
         status="failed",
-        finished=_now(),
+        finished=utc_now(),
         seconds=round(time.perf_counter() - clock, 3),
         error=f"stage '{stage}' failed: {error}",
     )

@@ -29,13 +29,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from importlib import metadata
 from typing import Any
 
 from components import registry
 from components.evaluate import export
 from components.push import serving
-from pipeline import outputs, storage
+from pipeline import code_version, outputs, storage, utc_now
 from pipeline.config import Config
 from pipeline.errors import StageError
 
@@ -46,14 +45,6 @@ METRICS_FILE = "metrics.json"
 
 def say(message: str) -> None:
     print(f"[push] {message}", flush=True)
-
-
-def code_version() -> str:
-    """The installed package's version (recorded with every pushed version)."""
-    try:
-        return metadata.version("finetune-pipeline")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -72,7 +63,7 @@ def run(config: Config) -> dict[str, Any]:
     if not verdict["blessed"]:
         result = {"pushed": False, "version": None, "reason": f"not blessed: {verdict['reason']}"}
     else:
-        result = _push(config)
+        result = _push(config, verdict)
     if config.registry.promote_to and result["version"] is not None:
         result["promoted"] = _promote(config, int(result["version"]), result["fingerprint"])
     summary = {
@@ -111,7 +102,7 @@ def export_fingerprint(saved_model_dir: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _push(config: Config) -> dict[str, Any]:
+def _push(config: Config, verdict: dict[str, Any]) -> dict[str, Any]:
     uri, name = config.registry.uri, config.name
     source = storage.join(config.run_dir, "export", "saved_model")
     if not storage.exists(storage.join(source, export.SAVED_MODEL_PB)):
@@ -130,13 +121,21 @@ def _push(config: Config) -> dict[str, Any]:
                 "reason": f"already published as version {existing} of '{name}' (same fingerprint); "
                 "nothing to do",
             }
-        labels = _complete_extra(config, staged, fingerprint)
+        facts = {
+            "fingerprint": fingerprint,
+            "source_run": config.run_dir,
+            "created": utc_now(),
+            "created_by": registry.who(),
+            "code_version": code_version(),
+        }
+        labels = _complete_extra(config, staged, facts)
         say(f"infra validation of the staged model ({len(labels)} classes)")
         infra = serving.validate(staged, labels)
-        version = registry.claim_version(uri, name, {"who": registry.who(), "claimed": registry.now()})
+        record = _record(verdict, facts, staged, infra, labels)
+        version = registry.claim_version(uri, name, {"who": facts["created_by"], "claimed": utc_now()})
         target = registry.version_uri(uri, name, version)
         _make_visible(staged, target)
-    record = registry.commit_version(uri, name, version, _record(config, fingerprint, infra, labels))
+    record = registry.commit_version(uri, name, version, record)
     return {
         "pushed": True,
         "version": version,
@@ -164,8 +163,8 @@ def _staging(uri: str, name: str) -> Iterator[str]:
         shutil.rmtree(parent, ignore_errors=True)
 
 
-def _complete_extra(config: Config, staged: str, fingerprint: str) -> list[str]:
-    """Adds metrics, push facts and warm-up requests to the staged ``assets.extra/``;
+def _complete_extra(config: Config, staged: str, facts: dict[str, Any]) -> list[str]:
+    """Adds metrics, the push ``facts`` and warm-up requests to the staged ``assets.extra/``;
     returns the labels."""
     extra = os.path.join(staged, export.EXTRA)
     with open(os.path.join(extra, export.LABELS_FILE), encoding="utf-8") as f:
@@ -174,13 +173,6 @@ def _complete_extra(config: Config, staged: str, fingerprint: str) -> list[str]:
     metrics = storage.join(outputs.stage_dir(config.run_dir, "evaluate"), METRICS_FILE)
     if storage.exists(metrics):
         storage.copy_file(metrics, os.path.join(extra, METRICS_FILE))
-    facts = {
-        "fingerprint": fingerprint,
-        "source_run": config.run_dir,
-        "created": registry.now(),
-        "created_by": registry.who(),
-        "code_version": code_version(),
-    }
     with open(os.path.join(extra, PUSH_FILE), "w", encoding="utf-8") as f:
         f.write(json.dumps(facts, indent=2) + "\n")
     serving.write_warmup(staged, serving.warmup_requests(config.name, int(summary["image_size"])))
@@ -200,21 +192,17 @@ def _make_visible(staged: str, target: str) -> None:
         storage.copy_file(os.path.join(staged, rel), storage.join(target, rel.replace(os.sep, "/")))
 
 
-def _record(config: Config, fingerprint: str, infra: dict[str, Any], labels: list[str]) -> dict[str, Any]:
-    verdict = _read_verdict(config.run_dir)
+def _record(
+    verdict: dict[str, Any], facts: dict[str, Any], staged: str, infra: dict[str, Any], labels: list[str]
+) -> dict[str, Any]:
+    """The commit record: the push facts, labels, data fingerprint, gate numbers, infra check."""
     keys = ("metric", "baseline", "candidate", "delta", "confidence_interval", "test_examples", "reason")
+    with open(os.path.join(staged, export.EXTRA, "fingerprint.json"), encoding="utf-8") as f:
+        data_fingerprint = json.load(f).get("sha256")
     return {
-        "fingerprint": fingerprint,
-        "created": registry.now(),
-        "created_by": registry.who(),
-        "source_run": config.run_dir,
-        "code_version": code_version(),
+        **facts,
         "labels": labels,
-        "data_fingerprint": json.loads(
-            storage.read_text(
-                storage.join(config.run_dir, "export", "saved_model", export.EXTRA, "fingerprint.json")
-            )
-        ).get("sha256"),
+        "data_fingerprint": data_fingerprint,
         "verdict": {k: verdict.get(k) for k in keys},
         "infra_validation": infra,
     }
