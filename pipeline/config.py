@@ -112,7 +112,10 @@ class TrainConfig:
 
     ``batch_size`` is per replica; the global batch is it times the replicas. With
     ``scale_learning_rate`` the learning rates are multiplied by the replicas.
-    ``finetune_learning_rate`` 0 means a tenth of ``baseline_learning_rate``. ``unfreeze`` is
+    ``finetune_learning_rate`` 0 means a tenth of ``baseline_learning_rate``;
+    ``finetune_schedule`` ``cosine`` decays it to 0 over the planned fine-tuning steps (so the
+    last epochs take small steps, which the eval loss then picks among), ``constant`` keeps it.
+    ``unfreeze`` is
     empty for the backbone's default, a fraction of the backbone's layers counted from the
     top, or the name of the first layer to train. ``mixed_precision`` and ``xla`` are
     ``auto`` (on with a GPU or TPU, off on CPU), ``true`` or ``false``.
@@ -126,6 +129,7 @@ class TrainConfig:
     finetune_epochs: int = 5
     baseline_learning_rate: float = 0.001
     finetune_learning_rate: float = 0.0
+    finetune_schedule: str = "cosine"
     scale_learning_rate: bool = False
     unfreeze: str = ""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -353,6 +357,7 @@ def _validate_preprocess(p: PreprocessConfig) -> list[str]:
 
 
 TRI_STATE = ("auto", "true", "false")
+SCHEDULES = ("cosine", "constant")
 
 
 def tri_state(value: str) -> str:
@@ -377,6 +382,10 @@ def _validate_train(t: TrainConfig) -> list[str]:
     if t.finetune_learning_rate < 0:
         problems.append(
             f"train.finetune_learning_rate: {t.finetune_learning_rate} must be >= 0 (0: baseline / 10)"
+        )
+    if t.finetune_schedule not in SCHEDULES:
+        problems.append(
+            f"train.finetune_schedule: '{t.finetune_schedule}' must be one of {', '.join(SCHEDULES)}"
         )
     if t.unfreeze:
         try:

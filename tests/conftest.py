@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+import pipeline  # noqa: F401  (sets TensorFlow's CPU options before any test imports TensorFlow)
+
 EMULATOR_BUCKET = "test-bucket"
 EMULATOR_PROJECT = "test-project"
 

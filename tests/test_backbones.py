@@ -145,3 +145,11 @@ def test_imagenet_weights_come_from_the_keras_cache_without_a_download(tmp_path,
     assert _same_weights(from_cache, from_path)
     random = backbones.build_backbone("mobilenet_v2", 224, weights="none", alpha=0.35)
     assert not _same_weights(random, from_path)
+
+
+def test_cosine_schedule_decays_to_zero_over_the_planned_steps_and_constant_stays():
+    cosine = model.learning_rate_schedule(1e-4, "cosine", 100)
+    at = [float(cosine(step)) for step in (0, 50, 100, 150)]
+    assert at[0] == pytest.approx(1e-4) and at[1] == pytest.approx(5e-5, rel=1e-5)
+    assert at[2] == pytest.approx(0.0, abs=1e-12) and at[3] == pytest.approx(0.0, abs=1e-12)
+    assert model.learning_rate_schedule(1e-4, "constant", 100) == 1e-4

@@ -52,6 +52,10 @@ def test_overrides_apply_after_the_file_and_parse_yaml_values(tmp_path):
         ("name=My Model", "name: 'My Model' must be 1-63 lowercase"),
         ("run_dir=", "run_dir: required"),
         ("oops", "--set: expected key=value"),
+        (
+            "train.finetune_schedule=linear",
+            "train.finetune_schedule: 'linear' must be one of cosine, constant",
+        ),
     ],
 )
 def test_bad_values_fail_before_work_with_the_key_named(tmp_path, override, message):

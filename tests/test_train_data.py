@@ -68,3 +68,31 @@ def test_rotation_and_crop_warp_each_image_but_keep_shape_and_range():
     # Zooming into a constant image leaves it constant (reflection fills the edges).
     flat = tf.fill([2, 24, 24, 3], 100.0)
     np.testing.assert_allclose(data.augment_batch(flat, AugmentConfig(rotation=0.1, crop=0.3)).numpy(), 100.0)
+
+
+def test_one_seed_gives_the_same_augmented_batches_in_every_run(tiny_prepared):
+    files = data.record_files(os.path.join(tiny_prepared, "preprocess"), "train")
+    augment = AugmentConfig(flip=True, rotation=0.1, crop=0.2)
+
+    def batches(seed):
+        dataset = data.image_dataset(
+            files, TINY_SIZE, 8, training=True, repeat=True, augment=augment, seed=seed
+        )
+        return [(x.numpy(), y.numpy()) for x, y in dataset.take(12)]  # past one epoch (53 images)
+
+    first, again, other = batches(5), batches(5), batches(6)
+    for (x1, y1), (x2, y2) in zip(first, again, strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other, strict=True))
+
+
+def test_a_seeded_augmentation_is_a_function_of_its_seed():
+    images = tf.random.uniform([4, 16, 16, 3], 0, 255, seed=7)
+    augment = AugmentConfig(flip=True, rotation=0.1, crop=0.3)
+    seed = tf.constant([3, 9], tf.int64)
+    np.testing.assert_array_equal(
+        data.augment_batch(images, augment, seed).numpy(), data.augment_batch(images, augment, seed).numpy()
+    )
+    different = data.augment_batch(images, augment, tf.constant([3, 10], tf.int64)).numpy()
+    assert not np.array_equal(different, data.augment_batch(images, augment, seed).numpy())

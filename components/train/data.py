@@ -5,6 +5,11 @@ workers (no worker reads bytes it then drops), records otherwise. Files are inte
 the compact encoded records cached in memory, shuffled, decoded in parallel, batched per
 replica, augmented on the fly and prefetched, so the accelerator never waits for input.
 
+Repeatable: for one seed the batches, their order and their augmentation are the same in
+every run. Shuffles are seeded, parallel steps keep their order, and each batch's random
+augmentation is drawn from stateless random ops keyed by (seed, batch number) rather than
+from a random state that parallel calls would consume in whatever order they happen to run.
+
 Runs on every worker, inside ``strategy.distribute_datasets_from_function``.
 """
 
@@ -74,11 +79,12 @@ def image_dataset(
         image_size: The stored image size (the preprocessing stage's ``image_size``).
         batch_size: Per-replica batch size.
         shard: This input pipeline's part of the data.
-        training: Shuffle (files and records, reshuffled each epoch), drop the last partial
-            batch, and let parallel steps finish out of order.
+        training: Shuffle (files and records, reshuffled each epoch) and drop the last
+            partial batch.
         repeat: Repeat forever (training, and validation across several workers, which must
             all run the same number of steps).
         augment: Random flip / rotation / crop of each batch, or None.
+        seed: Seeds the shuffles and the augmentation.
     """
     by_file = len(files) >= shard.count
     dataset = tf.data.Dataset.from_tensor_slices(files)
@@ -87,10 +93,7 @@ def image_dataset(
     if training:
         dataset = dataset.shuffle(len(files), seed=seed)
     dataset = dataset.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(len(files), 8),
-        num_parallel_calls=AUTOTUNE,
-        deterministic=not training,
+        tf.data.TFRecordDataset, cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE
     )
     if shard.count > 1 and not by_file:
         dataset = dataset.shard(shard.count, shard.index)
@@ -99,15 +102,12 @@ def image_dataset(
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
     if repeat:
         dataset = dataset.repeat()
-    dataset = dataset.map(
-        lambda r: decode(r, image_size), num_parallel_calls=AUTOTUNE, deterministic=not training
-    )
+    dataset = dataset.map(lambda r: decode(r, image_size), num_parallel_calls=AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=training)
     if augment is not None and (augment.flip or augment.rotation or augment.crop):
-        dataset = dataset.map(
-            lambda x, y: (augment_batch(x, augment), y),
+        dataset = dataset.enumerate().map(
+            lambda i, xy: (augment_batch(xy[0], augment, tf.stack([tf.cast(seed, tf.int64), i])), xy[1]),
             num_parallel_calls=AUTOTUNE,
-            deterministic=not training,
         )
     return _unsharded(dataset.prefetch(AUTOTUNE))
 
@@ -131,25 +131,34 @@ def _unsharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.with_options(options)
 
 
-def augment_batch(images: tf.Tensor, augment: AugmentConfig) -> tf.Tensor:
+def augment_batch(images: tf.Tensor, augment: AugmentConfig, seed: tf.Tensor | None = None) -> tf.Tensor:
     """Random horizontal flip, then one projective warp per image that rotates by up to
     ``augment.rotation`` of a turn and zooms in on a random window up to ``augment.crop``
     smaller per side (a random crop resized back). Edges are filled by reflection.
 
-    Runs in the input pipeline (not in the model), so the exported model carries none of it.
+    ``seed`` (two integers) fixes every draw: the same seed, the same augmentation (stateless
+    random ops); None draws a fresh seed. Runs in the input pipeline (not in the model), so
+    the exported model carries none of it.
     """
+    if seed is None:
+        seed = tf.random.uniform([2], 0, 2**31 - 1, dtype=tf.int64)
+    seeds = tf.random.experimental.stateless_split(seed, 5)
     if augment.flip:
-        images = tf.image.random_flip_left_right(images)
+        images = tf.image.stateless_random_flip_left_right(images, seeds[0])
     if not (augment.rotation or augment.crop):
         return images
     shape = tf.shape(images)
     n = shape[0]
     height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-    angle = tf.random.uniform([n], -1.0, 1.0) * (augment.rotation * 2.0 * math.pi)
-    zoom = 1.0 - tf.random.uniform([n], 0.0, augment.crop)  # fraction of the side kept
+
+    def uniform(i: int, low: float, high: float) -> tf.Tensor:
+        return tf.random.stateless_uniform([n], seeds[i], low, high)
+
+    angle = uniform(1, -1.0, 1.0) * (augment.rotation * 2.0 * math.pi)
+    zoom = 1.0 - uniform(2, 0.0, augment.crop)  # fraction of the side kept
     # The kept window may sit anywhere inside the image.
-    dx = tf.random.uniform([n], -1.0, 1.0) * (1.0 - zoom) * width / 2.0
-    dy = tf.random.uniform([n], -1.0, 1.0) * (1.0 - zoom) * height / 2.0
+    dx = uniform(3, -1.0, 1.0) * (1.0 - zoom) * width / 2.0
+    dy = uniform(4, -1.0, 1.0) * (1.0 - zoom) * height / 2.0
     cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
     cos, sin = tf.cos(angle) * zoom, tf.sin(angle) * zoom
     # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2).

@@ -120,9 +120,18 @@ def unfreeze_top(classifier: Classifier, backbone_name: str, unfreeze: str) -> d
     }
 
 
-def compile_model(model: Any, learning_rate: float, jit_compile: bool, steps_per_execution: int = 1) -> None:
+def learning_rate_schedule(base: float, schedule: str, steps: int) -> Any:
+    """``base`` as the optimizer's learning rate: constant, or (``cosine``) decaying to 0 along
+    a half cosine over ``steps`` optimizer steps. A function of the optimizer's step counter,
+    which BackupAndRestore restores, so a resumed run continues on the same curve."""
+    if schedule == "cosine":
+        return tf_keras.optimizers.schedules.CosineDecay(base, decay_steps=max(1, steps))
+    return base
+
+
+def compile_model(model: Any, learning_rate: Any, jit_compile: bool, steps_per_execution: int = 1) -> None:
     """Adam + sparse categorical cross-entropy + accuracy (mixed float16 gets Keras's loss
-    scaling automatically)."""
+    scaling automatically). ``learning_rate``: a float or a Keras schedule."""
     model.compile(
         optimizer=tf_keras.optimizers.Adam(learning_rate),
         loss=tf_keras.losses.SparseCategoricalCrossentropy(),

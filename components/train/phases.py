@@ -128,11 +128,15 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     started = time.perf_counter()
     unfrozen = model.unfreeze_top(clf, ctx.config.model.backbone, t.unfreeze)
     learning_rate = ctx.learning_rate(t.finetune_learning_rate or t.baseline_learning_rate / 10)
+    schedule = model.learning_rate_schedule(
+        learning_rate, t.finetune_schedule, t.finetune_epochs * ctx.steps_per_epoch
+    )
     with ctx.placement.strategy.scope():
-        model.compile_model(clf.model, learning_rate, ctx.jit_compile)
+        model.compile_model(clf.model, schedule, ctx.jit_compile)
     ctx.say(
         f"candidate: fine-tuning from layer {unfrozen['from_layer']} ({unfrozen['trainable_layers']} layers, "
         f"{unfrozen['frozen_batchnorm']} BatchNorm layers kept frozen) at learning rate {learning_rate:g}"
+        + (f", {t.finetune_schedule} decay to 0" if t.finetune_schedule != "constant" else "")
     )
     size = ctx.inputs.image_size
 
@@ -170,6 +174,7 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     result["steps_run"] = timer.steps
     result["images_per_second"] = _rate(ctx, result, timer.train_seconds)
     result["unfrozen"] = unfrozen
+    result["learning_rate_schedule"] = t.finetune_schedule
     _save(ctx, clf.model, "candidate", result, history)
     return result
 
