@@ -17,7 +17,7 @@ SHARED_WEIGHTS := ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kern
 WEIGHTS ?= $(if $(wildcard $(SHARED_WEIGHTS)),$(SHARED_WEIGHTS),imagenet)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast demo lint bench k8s clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,12 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_preprocess.py --data $(BENCH_DATA)
 	$(PY) benchmarks/bench_train.py --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
+	$(PY) benchmarks/bench_cpu_kernels.py --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
+
+# k8s/ is generated: regenerate it after changing configs/beans-cluster.yaml or the manifests
+# code (tests/test_k8s_render.py fails when the two differ).
+k8s: install
+	$(VENV)/bin/finetune render --config configs/beans-cluster.yaml --schedule '0 2 * * *' --kustomize k8s
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache *.egg-info

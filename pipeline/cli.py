@@ -11,8 +11,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError, FinetuneError
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 EPILOG = """\
 examples:
@@ -23,6 +27,10 @@ examples:
   finetune push --config configs/beans.yaml --set registry.uri=registry
   finetune run --config configs/beans.yaml   # all stages; unchanged ones are skipped
   finetune registry list --registry registry
+  finetune render --config configs/beans-cluster.yaml            # Kubernetes manifests (dry run)
+  finetune submit --config configs/beans-cluster.yaml --wait     # the run on Kubernetes
+  finetune status beans                                          # its Jobs; `finetune logs beans -f`
+  finetune schedule --config configs/beans-cluster.yaml --cron '0 2 * * *'   # nightly, new data only
   finetune config --config my.yaml          # print the resolved configuration
 
 Configuration is read in this order: built-in defaults, the YAML file, then --set overrides.
@@ -139,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline import registry_cli
 
     registry_cli.add_parser(sub)
+    _add_render(sub, common)
+    from pipeline import cluster_cli
+
+    cluster_cli.add_parsers(sub, common)
     sub.add_parser(
         "config",
         parents=[common],
@@ -146,6 +158,58 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load, validate and print the configuration without running anything.",
     )
     return parser
+
+
+RENDER_EPILOG = """\
+examples:
+  finetune render --config configs/beans-cluster.yaml | kubectl apply --dry-run=server -f -
+  finetune render --config my.yaml --set cluster.workers=4 --set cluster.gpus_per_worker=1
+  finetune render --config my.yaml --out manifests/ && kubectl apply -k manifests/
+  finetune render --config my.yaml --schedule '0 2 * * *'   # also the nightly CronJob
+  finetune render --config configs/beans-cluster.yaml --schedule '0 2 * * *' --kustomize k8s
+"""
+
+
+def _add_render(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    render = sub.add_parser(
+        "render",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="print or write the Kubernetes manifests of a run (a dry run; no cluster needed)",
+        description=(
+            "Render every Kubernetes manifest of a run from the configuration: the ConfigMap "
+            "holding it, the driver's and the stages' service accounts and the driver's Role, the "
+            "headless Service and Indexed Job of the training workers (cluster.workers pods), the "
+            "preprocess and evaluate + push Jobs, and the driver Job that runs them in order. "
+            "Prints one multi-document YAML stream; --out writes one file per part and a "
+            "kustomization.yaml; --kustomize writes base/ and overlays/cpu, overlays/gpu (the "
+            "configuration with cluster.gpus_per_worker 0, and at least 1). run_dir, data.source "
+            "and registry.uri must be gs:// URIs and cluster.image must be set."
+        ),
+        epilog=RENDER_EPILOG,
+    )
+    where = render.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR", help="write the files and a kustomization.yaml into DIR")
+    where.add_argument(
+        "--kustomize", metavar="DIR", help="write a kustomize base and CPU/GPU overlays into DIR"
+    )
+    render.add_argument(
+        "--schedule",
+        metavar="CRON",
+        help="also the CronJob that starts a run on this schedule, in UTC (e.g. '0 2 * * *')",
+    )
+
+
+def _render(config: Config, args: argparse.Namespace) -> int:
+    from pipeline.cluster import render
+
+    if args.out or args.kustomize:
+        write = render.write_files if args.out else render.write_kustomize
+        for path in write(config, args.out or args.kustomize, args.schedule):
+            print(f"wrote {path}")
+        return 0
+    sys.stdout.write(render.render_text(config, args.schedule))
+    return 0
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -165,12 +229,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline import registry_cli
 
             return registry_cli.main(args)
+        from pipeline import cluster_cli
+
+        if args.command in cluster_cli.BY_NAME:
+            return cluster_cli.by_name(args)
         from pipeline.config import load_config, to_yaml
 
         config = load_config(args.config, args.overrides)
         if args.command == "config":
             sys.stdout.write(to_yaml(config))
             return 0
+        if args.command == "render":
+            return _render(config, args)
+        if args.command in cluster_cli.WITH_CONFIG:
+            return cluster_cli.with_config(config, args)
         if args.command == "run":
             from pipeline import run as pipeline_run
 
@@ -189,6 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FinetuneError as e:
         print(f"finetune {args.command}: failed: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if args.command not in ("submit", "logs"):  # following a log: Ctrl-C is how one stops
+            raise
+        print(f"finetune {args.command}: stopped following (the run goes on in the cluster)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Two worker processes on loopback with a real TF_CONFIG: MultiWorkerMirroredStrategy.
-
-Each worker runs ``finetune train`` exactly as a pod of the Kubernetes Job would. Slow:
-two TensorFlow processes share this machine's cores.
+"""Two worker processes on loopback under MultiWorkerMirroredStrategy, started as the pods of
+the rendered Kubernetes training Job (an Indexed Job) would be: the pod spec's command and
+environment, each process deriving its TF_CONFIG from ``JOB_COMPLETION_INDEX`` and the
+workers' addresses. Slow: two TensorFlow processes share this machine's cores.
 """
 
 from __future__ import annotations
@@ -17,10 +17,14 @@ import time
 
 import pytest
 
+from pipeline.cluster import jobs
+from pipeline.config import load_config, to_yaml
+from tests.k8s_helpers import local_workers
 from tests.train_helpers import TINY_SIZE, copy_prepared
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER_CONFIG = os.path.join(REPO, "configs", "beans-cluster.yaml")
 SETTINGS = [
     "data.source=unused-by-training",
     f"model.image_size={TINY_SIZE}",
@@ -42,20 +46,27 @@ def _ports(n: int) -> list[int]:
 
 
 def _start(run_dir: str, logs: str, settings: list[str]) -> list[subprocess.Popen]:
-    cluster = {"worker": [f"localhost:{port}" for port in _ports(2)]}
+    """The rendered training Job's pods (configs/beans-cluster.yaml with 2 workers) as local
+    processes: each pod's own command, arguments and environment (JOB_COMPLETION_INDEX, the
+    workers' addresses, from which ``finetune train`` derives TF_CONFIG), with the mounted
+    configuration replaced by this test's and the Service's DNS names by loopback ports."""
+    config_path = os.path.join(logs, "config.yaml")
+    with open(config_path, "w") as f:
+        f.write(to_yaml(load_config(None, [f"run_dir={run_dir}", *SETTINGS, *settings])))
+    train_job = jobs.train_job(load_config(CLUSTER_CONFIG, ["cluster.workers=2"]))
     procs = []
-    for index in range(2):
+    for index, (argv, pod_env) in enumerate(local_workers(train_job, _ports(2), config_path)):
+        assert argv[0] == "finetune" and "TF_CONFIG" not in pod_env
         env = {
-            **os.environ,
-            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            **{k: v for k, v in os.environ.items() if k != "TF_CONFIG"},
+            **pod_env,
             "CUDA_VISIBLE_DEVICES": "",
             "TF_CPP_MIN_LOG_LEVEL": "2",
             # Both workers share this machine: one thread pool each instead of oversubscribing.
             "TF_NUM_INTRAOP_THREADS": "1",
             "TF_NUM_INTEROP_THREADS": "1",
         }
-        command = [sys.executable, "-m", "pipeline.cli", "train", f"--set=run_dir={run_dir}"]
-        command += [f"--set={s}" for s in SETTINGS + settings]
+        command = [os.path.join(os.path.dirname(sys.executable), "finetune"), *argv[1:]]
         log = open(os.path.join(logs, f"worker{index}.log"), "a")
         procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs

@@ -27,6 +27,7 @@ import tf_keras
 from components.train import data, distribute, model, phases
 from components.train.phases import Inputs, Run
 from pipeline import outputs, storage
+from pipeline.cluster import workers
 from pipeline.config import Config, resolved_image_size, to_yaml
 from pipeline.errors import StageError
 
@@ -67,6 +68,7 @@ def read_inputs(config: Config) -> Inputs:
 def run(config: Config) -> dict[str, Any]:
     """Trains the baseline and the candidate; returns the summary (on every worker)."""
     started = time.perf_counter()
+    workers.ensure_tf_config()  # a pod of the Indexed Job: TF_CONFIG from its index and the hosts
     cluster = distribute.parse_tf_config()
     inputs = read_inputs(config)
     placement = distribute.create_strategy(cluster)  # before any other TensorFlow op

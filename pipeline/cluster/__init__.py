@@ -1,0 +1,22 @@
+"""Running the pipeline on Kubernetes: manifests as pure functions of the configuration, and
+the commands that talk to a cluster.
+
+* ``manifests``: the checks a cluster run needs, names, labels, the ConfigMap, service
+  accounts and the driver's Role, the headless Service of the training pods.
+* ``jobs``: the stage Jobs (preprocess, the Indexed training Job, evaluate + push), the
+  driver Job and the schedule's CronJob.
+* ``cron``: cron schedules checked as Kubernetes parses them.
+* ``render``: ``finetune render``: YAML to stdout, to a folder, or as the kustomize tree
+  of ``k8s/``.
+* ``workers``: TF_CONFIG of a training pod, derived from its index and the Service's DNS
+  names (runs in the pod; imports nothing from the rest of this package).
+* ``views``: Jobs and pods as the API returns them, read into states and printed lines
+  (``finetune status``, ``finetune logs``, the driver's progress); pure.
+* ``driver``: ``finetune drive``, the run's stages as Jobs, in the driver pod; its
+  decisions are pure functions, its loop polls the cluster.
+* ``client``: the only module that talks to an API server (the official ``kubernetes``
+  client); ``pipeline.cluster_cli`` wires it to ``submit``, ``status``, ``logs``,
+  ``schedule`` and ``unschedule``.
+
+Nothing here imports TensorFlow.
+"""

@@ -1,0 +1,212 @@
+"""The run's Jobs and CronJob (see ``pipeline.cluster.manifests`` for the design).
+
+Every container runs ``finetune <stage> --config /etc/finetune/config.yaml`` (``command``
+plus ``args`` is the whole argv), as the image's non-root user, with the configuration
+mounted read-only and the credentials the configuration names; nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.cluster import workers
+from pipeline.cluster.manifests import (
+    BAD_CONFIG_EXIT,
+    CONFIG_DIR,
+    CONFIG_PATH,
+    DRIVER_ARGS,
+    DRIVER_RESOURCES,
+    GPU_RESOURCE,
+    IF_NEW_DATA,
+    KEY_DIR,
+    KEY_FILE,
+    RUN_AS_UID,
+    STAGE_FAILED_EXIT,
+    WORKER_PORT,
+    Manifest,
+    image,
+    labels,
+    object_metadata,
+    resource_name,
+    worker_hosts,
+)
+from pipeline.config import Config
+
+POD_NAMESPACE = {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+LOCKED_DOWN = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def stage_container(config: Config, name: str, args: list[str], **extra: Any) -> Manifest:
+    """One ``finetune`` container with the configuration and the credentials mounted."""
+    env = list(extra.pop("env", []))
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    if config.cluster.credentials_secret:
+        env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{KEY_DIR}/{KEY_FILE}"})
+        mounts.append({"name": "credentials", "mountPath": KEY_DIR, "readOnly": True})
+    container = {
+        "name": name,
+        "image": image(config),
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["finetune"],
+        "args": args,
+        # a failed container's last log lines become its termination message (the driver reports it)
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    container |= ({"env": env} if env else {}) | extra
+    return container | {"volumeMounts": mounts, "securityContext": LOCKED_DOWN}
+
+
+def _stage_args(stage: str) -> list[str]:
+    return [stage, "--config", CONFIG_PATH]
+
+
+def _resources(config: Config, gpus: int = 0) -> Manifest:
+    c = config.cluster
+    limits: dict[str, Any] = {"memory": c.memory} | ({GPU_RESOURCE: gpus} if gpus else {})
+    return {"requests": {"cpu": c.cpu, "memory": c.memory}, "limits": limits}
+
+
+def pod_spec(config: Config, account: str, containers: list[Manifest], **extra: Any) -> Manifest:
+    """A pod that runs once (``restartPolicy: Never``: the Job decides about retries)."""
+    volumes: list[Manifest] = [{"name": "config", "configMap": {"name": resource_name(config, "config")}}]
+    if config.cluster.credentials_secret:
+        volumes.append({"name": "credentials", "secret": {"secretName": config.cluster.credentials_secret}})
+    spec = {
+        "serviceAccountName": resource_name(config, account),
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_UID,
+            "runAsGroup": RUN_AS_UID,
+            "fsGroup": RUN_AS_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    return spec | extra | {"containers": containers, "volumes": volumes}
+
+
+def _job(config: Config, stage: str, pod: Manifest, **spec: Any) -> Manifest:
+    """A Job of ``pod`` named after ``stage``; ``spec`` keys override the defaults."""
+    c = config.cluster
+    spec = (
+        {"backoffLimit": c.backoff_limit} | spec | {"ttlSecondsAfterFinished": c.ttl_seconds_after_finished}
+    )
+    spec["template"] = {"metadata": {"labels": labels(config, stage)}, "spec": pod}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": object_metadata(config, resource_name(config, stage), stage),
+        "spec": spec,
+    }
+
+
+def _fail_on_exit(*codes: int, container: str | None = None) -> Manifest:
+    """A podFailurePolicy rule that fails the Job at once when a container exits with one of
+    ``codes`` (2: a bad configuration, which a retry cannot fix); ``container`` None: any."""
+    exits: Manifest = {"containerName": container} if container else {}
+    return {"action": "FailJob", "onExitCodes": exits | {"operator": "In", "values": list(codes)}}
+
+
+def _node_selector(config: Config, gpus: int = 0) -> Manifest:
+    selector = dict(config.cluster.node_selector) | (dict(config.cluster.gpu_node_selector) if gpus else {})
+    return {"nodeSelector": selector} if selector else {}
+
+
+def preprocess_job(config: Config) -> Manifest:
+    """``finetune preprocess``: Beam's local runner in the pod, or a submission to Dataflow or
+    Flink. A retry is safe: the stage publishes its outputs atomically."""
+    container = stage_container(config, "preprocess", _stage_args("preprocess"), resources=_resources(config))
+    pod = pod_spec(config, "stage", [container], **_node_selector(config))
+    return _job(config, "preprocess", pod, podFailurePolicy={"rules": [_fail_on_exit(BAD_CONFIG_EXIT)]})
+
+
+def train_job(config: Config) -> Manifest:
+    """The worker group: an Indexed Job of ``cluster.workers`` pods that all start together,
+    fail together (``backoffLimit: 0``) and find each other through the headless Service."""
+    gpus, n = config.cluster.gpus_per_worker, config.cluster.workers
+    env = [POD_NAMESPACE, {"name": workers.HOSTS_ENV, "value": ",".join(worker_hosts(config))}]
+    container = stage_container(
+        config,
+        "train",
+        _stage_args("train"),
+        env=env,
+        ports=[{"name": "grpc", "containerPort": WORKER_PORT}],
+        resources=_resources(config, gpus),
+    )
+    extra: Manifest = {"subdomain": resource_name(config, "train")} | _node_selector(config, gpus)
+    if gpus:
+        extra["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    return _job(
+        config,
+        "train",
+        pod_spec(config, "stage", [container], **extra),
+        backoffLimit=0,
+        completionMode="Indexed",
+        completions=n,
+        parallelism=n,
+        podFailurePolicy={"rules": [_fail_on_exit(BAD_CONFIG_EXIT, container="train")]},
+    )
+
+
+def evaluate_job(config: Config) -> Manifest:
+    """``finetune evaluate`` (gate and export) as an init container, then ``finetune push``
+    when ``registry.uri`` is set; without it, evaluate is the only container."""
+    resources = _resources(config)
+    evaluate = stage_container(config, "evaluate", _stage_args("evaluate"), resources=resources)
+    policy = {"podFailurePolicy": {"rules": [_fail_on_exit(BAD_CONFIG_EXIT)]}}
+    if not config.registry.uri:
+        pod = pod_spec(config, "stage", [evaluate], **_node_selector(config))
+        return _job(config, "evaluate", pod, **policy)
+    push = stage_container(config, "push", _stage_args("push"), resources=resources)
+    pod = pod_spec(config, "stage", [push], initContainers=[evaluate], **_node_selector(config))
+    return _job(config, "evaluate", pod, **policy)
+
+
+def driver_job(config: Config, scheduled: bool = False) -> Manifest:
+    """The driver: runs the stages in order by creating their Jobs and waiting for each,
+    and writes ``run.json`` (``pipeline.cluster.driver``).
+
+    A driver pod that crashed or was evicted is retried and resumes after the last finished
+    stage (adopting a stage Job still running); one that stopped the run at a failed stage
+    (exit 1) or on a bad configuration (exit 2) is final. ``scheduled``: the CronJob's
+    driver, which ends early when the input data did not change since the last successful run.
+    """
+    args = list(DRIVER_ARGS) + ([IF_NEW_DATA] if scheduled else [])
+    container = stage_container(config, "driver", args, env=[POD_NAMESPACE], resources=DRIVER_RESOURCES)
+    rules = [
+        _fail_on_exit(STAGE_FAILED_EXIT, BAD_CONFIG_EXIT, container="driver"),
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]
+    return _job(config, "driver", pod_spec(config, "driver", [container]), podFailurePolicy={"rules": rules})
+
+
+def cron_job(config: Config, schedule: str) -> Manifest:
+    """The CronJob that creates the driver Job on ``schedule`` (UTC). A run still going
+    when the next is due makes that one skip (``Forbid``: the stage Jobs' names are
+    fixed); a run that could not start within ``cluster.starting_deadline_seconds`` is
+    skipped too. Its driver ends early, with "no new data", when the input data's
+    fingerprint equals that of the last successful run."""
+    driver = driver_job(config, scheduled=True)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": object_metadata(config, resource_name(config, "schedule"), "schedule"),
+        "spec": {
+            "schedule": schedule.strip(),
+            "timeZone": "Etc/UTC",
+            "concurrencyPolicy": "Forbid",
+            "startingDeadlineSeconds": config.cluster.starting_deadline_seconds,
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {"metadata": {"labels": labels(config, "driver")}, "spec": driver["spec"]},
+        },
+    }
+
+
+def stage_jobs(config: Config) -> dict[str, Manifest]:
+    """The Jobs the driver creates, in order, by the stage they run first."""
+    return {
+        "preprocess": preprocess_job(config),
+        "train": train_job(config),
+        "evaluate": evaluate_job(config),
+    }

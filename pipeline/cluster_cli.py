@@ -1,0 +1,374 @@
+"""``finetune submit | status | logs | schedule | unschedule | drive``: a run on Kubernetes.
+
+``submit`` and ``schedule`` create what ``finetune render`` marks as applied (configuration,
+accounts, Role, Service) plus the driver Job or the CronJob; the driver Job then runs
+``finetune drive`` in the cluster (:mod:`pipeline.cluster.driver`). ``status`` and ``logs``
+read a run's Jobs and pods by its name. The cluster is reached through
+:mod:`pipeline.cluster.client` (kubeconfig and ``--context`` here, the service account in a
+pod); this module only parses, calls and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import re
+import sys
+import textwrap
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from pipeline.errors import ConfigError, FinetuneError
+
+if TYPE_CHECKING:
+    from pipeline.cluster.client import Cluster
+    from pipeline.cluster.render import ManifestFile
+    from pipeline.cluster.views import LogSource
+    from pipeline.config import Config
+
+WITH_CONFIG = ("submit", "schedule", "drive")
+BY_NAME = ("status", "logs", "unschedule")
+DEFAULT_NAMESPACE = "finetune"  # ClusterConfig.namespace's default
+LOG_STAGES = ("driver", "preprocess", "train", "evaluate", "push")
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
+def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Adds the cluster commands to the ``finetune`` parser (``common``: --config, --set, -v)."""
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--context", metavar="CTX", help="kubeconfig context (default: the current one)")
+    where.add_argument(
+        "--namespace", "-n", metavar="NS", help="namespace (default: cluster.namespace of the config)"
+    )
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("--context", metavar="CTX", help="kubeconfig context (default: the current one)")
+    named.add_argument(
+        "--namespace", "-n", metavar="NS", default=DEFAULT_NAMESPACE, help="namespace (default: %(default)s)"
+    )
+    named.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    p = sub.add_parser("submit", parents=[common, where], formatter_class=_RAW, **_texts("submit"))
+    p.add_argument(
+        "--wait", action="store_true", help="follow the driver's log; exit 0 on success, 1 on failure"
+    )
+    p = sub.add_parser("status", parents=[named], formatter_class=_RAW, **_texts("status"))
+    p.add_argument("run", metavar="RUN", help="the run's name (the configuration's `name`)")
+    p = sub.add_parser("logs", parents=[named], formatter_class=_RAW, **_texts("logs"))
+    p.add_argument("run", metavar="RUN", help="the run's name (the configuration's `name`)")
+    p.add_argument("--stage", choices=LOG_STAGES, default="driver", help="whose logs (default: %(default)s)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the containers end")
+    p = sub.add_parser("schedule", parents=[common, where], formatter_class=_RAW, **_texts("schedule"))
+    p.add_argument(
+        "--cron", required=True, metavar="CRON", help="five-field cron schedule in UTC, e.g. '0 2 * * *'"
+    )
+    p = sub.add_parser("unschedule", parents=[named], formatter_class=_RAW, **_texts("unschedule"))
+    p.add_argument("run", metavar="NAME", help="the run's name: its CronJob is NAME-schedule")
+    p = sub.add_parser("drive", parents=[common], formatter_class=_RAW, **_texts("drive"))
+    p.add_argument(
+        "--if-new-data",
+        action="store_true",
+        help="end at once ('no new data', exit 0) when the input data equals the last successful run's",
+    )
+    p.add_argument("--context", metavar="CTX", help="kubeconfig context, to drive from outside the cluster")
+
+
+def _texts(command: str) -> dict[str, str]:
+    help_text, description, examples = _HELP[command]
+    return {
+        "help": help_text,
+        "description": textwrap.fill(description, 96),
+        "epilog": "examples:\n" + examples,
+    }
+
+
+_HELP = {
+    "submit": (
+        "start a run on Kubernetes: configuration, accounts, Role, Service, then the driver Job",
+        "Create (or replace) in the cluster what `finetune render` marks as applied: the ConfigMap "
+        "holding the configuration, the service accounts, the driver's Role and RoleBinding, the "
+        "training Service, and the driver Job, which runs the stages as Jobs and writes "
+        "<run_dir>/run.json. An earlier driver Job of the run is deleted first; a run still going "
+        "is refused. Prints the run's name; --wait follows the driver's log and exits with the "
+        "run's outcome (0 succeeded, 1 failed).",
+        "  finetune submit --config configs/beans-cluster.yaml\n"
+        "  finetune submit --config my.yaml --context gke_proj_europe-west4_ml --namespace ml --wait\n"
+        "  finetune submit --config my.yaml --set cluster.workers=4 --set cluster.gpus_per_worker=1\n",
+    ),
+    "status": (
+        "a run's Jobs on Kubernetes: driver and stages, status, start, duration; its schedule",
+        "One line per Job of the run (the drivers, manual and scheduled, then preprocess, train, "
+        "evaluate): active, succeeded or failed (with the reason), when it started and how long it "
+        "ran; then the run's schedule, if any. Exit code 1 when the run has no Jobs and no schedule.",
+        "  finetune status beans\n  finetune status beans --context staging --namespace ml\n",
+    ),
+    "logs": (
+        "print (or follow) the logs of a run's driver or of one stage's pods",
+        "The log of the run's newest driver Job (default), or of every pod of one stage's Job: "
+        "each line of a training pod is prefixed with its index ([0], [1], ...), and a retried pod "
+        "with its try; evaluate shows evaluate's and push's containers. --follow keeps printing "
+        "until the containers end.",
+        "  finetune logs beans --follow\n  finetune logs beans --stage train\n"
+        "  finetune logs beans --stage evaluate -n ml\n",
+    ),
+    "schedule": (
+        "create or update the CronJob that starts a run on a cron schedule (UTC)",
+        "Create (or replace) the CronJob <name>-schedule and what its runs need (ConfigMap, "
+        "accounts, Role, Service). Each scheduled run ends early with 'no new data' when the input "
+        "data's fingerprint equals that of the last successful run; one still going makes the next "
+        "skip. The cron expression is checked first: five fields (minute hour day month weekday) or "
+        "@daily, @hourly, ...",
+        "  finetune schedule --config configs/beans-cluster.yaml --cron '0 2 * * *'   # 02:00 UTC\n"
+        "  finetune schedule --config my.yaml --cron '30 1 * * MON-FRI' --context prod\n",
+    ),
+    "unschedule": (
+        "delete a run's CronJob: no more scheduled runs (a run already started goes on)",
+        "Delete the CronJob NAME-schedule. A run it already started goes on; its Jobs stay until "
+        "cluster.ttl_seconds_after_finished. Exit code 1 when there is no such CronJob.",
+        "  finetune unschedule beans\n  finetune unschedule beans --namespace ml\n",
+    ),
+    "drive": (
+        "run the stages as Kubernetes Jobs in order (what the driver Job runs in the cluster)",
+        "The driver: for preprocess, train and evaluate (+ push) in order, delete any earlier Job "
+        "of the stage, create it, wait for it and print its progress; recreate a failed training "
+        "group up to cluster.backoff_limit times (it resumes from its backup); stop at the first "
+        "failed stage (exit code 1) or a bad configuration (2). Stages whose inputs did not change "
+        "are skipped, as in `finetune run`; <run_dir>/run.json records the run. Inside a pod it "
+        "uses the pod's service account; elsewhere the kubeconfig.",
+        "  finetune drive --config /etc/finetune/config.yaml                 # the driver Job\n"
+        "  finetune drive --config /etc/finetune/config.yaml --if-new-data   # the CronJob's runs\n",
+    ),
+}
+
+
+def with_config(config: Config, args: argparse.Namespace) -> int:
+    """Runs ``submit``, ``schedule`` or ``drive`` for ``config``; returns the exit code. What a
+    cluster run needs (an image, gs:// paths, a good schedule) is checked before connecting."""
+    from pipeline.cluster import cron, render
+    from pipeline.cluster.client import connect
+    from pipeline.cluster.manifests import check
+
+    _quiet(args.verbose)
+    if args.command == "drive":
+        from pipeline.cluster import driver  # imports pipeline.run (Beam): only here
+
+        check(config)
+        driver.drive(config, connect(args.context, config.cluster.namespace), if_new_data=args.if_new_data)
+        return 0
+    config = _in_namespace(config, args.namespace)
+    schedule = args.cron.strip() if args.command == "schedule" else None
+    problem = cron.check_message(schedule, "--cron") if schedule is not None else None
+    if problem:  # before the other checks, naming the flag given
+        raise ConfigError(problem)
+    files = render.manifest_files(config, schedule)
+    cluster = connect(args.context, config.cluster.namespace)
+    if schedule is not None:
+        return _schedule(config, schedule, files, cluster)
+    return _submit(config, files, cluster, args.wait)
+
+
+def by_name(args: argparse.Namespace) -> int:
+    """Runs ``status``, ``logs`` or ``unschedule`` of run ``args.run``; returns the exit code."""
+    from pipeline.cluster.client import connect
+
+    _quiet(args.verbose)
+
+    if not _NAME_RE.match(args.run):
+        raise ConfigError(
+            f"'{args.run}' is not a run name (the configuration's `name`: lowercase letters, -)"
+        )
+    cluster = connect(args.context, args.namespace)
+    if args.command == "status":
+        return _status(cluster, args.run)
+    if args.command == "logs":
+        return _logs(cluster, args.run, args.stage, args.follow)
+    name = f"{args.run}-schedule"
+    if not cluster.delete("CronJob", name, propagation="Orphan"):
+        raise FinetuneError(
+            f"run '{args.run}' has no schedule in namespace {cluster.namespace}: no CronJob {name} "
+            f"({cluster.where}); see `kubectl -n {cluster.namespace} get cronjobs`"
+        )
+    print(f"deleted CronJob {name}: no more scheduled runs of '{args.run}' (a run already started goes on)")
+    return 0
+
+
+def _quiet(verbose: bool) -> None:
+    """urllib3 logs each retry of an unanswered call; the error that follows says it all."""
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def _in_namespace(config: Config, namespace: str | None) -> Config:
+    from pipeline.cluster.manifests import with_cluster
+    from pipeline.config import validate
+
+    return validate(with_cluster(config, namespace=namespace)) if namespace else config
+
+
+def _apply(cluster: Cluster, documents: list[dict]) -> None:
+    for doc in documents:
+        print(f"{cluster.apply(doc)} {doc['kind']} {doc['metadata']['name']}", flush=True)
+
+
+def _submit(config: Config, files: list[ManifestFile], cluster: Cluster, wait: bool) -> int:
+    documents = [doc for f in files if f.applied for doc in f.documents]
+    busy = [j for j in cluster.list_jobs(_selector(config.name, "driver")) if _active(j)]
+    if busy:
+        name = busy[0]["metadata"]["name"]
+        raise FinetuneError(
+            f"run '{config.name}' is still going (driver Job {name} is active); wait for it "
+            f"(`finetune status {config.name}`) or stop it: "
+            f"`kubectl -n {cluster.namespace} delete job {name}`"
+        )
+    _apply(cluster, documents)
+    driver = next(d["metadata"]["name"] for d in documents if d["kind"] == "Job")
+    print(
+        f"submitted run {config.name}: driver Job {driver} in namespace {cluster.namespace} ({cluster.where})"
+    )
+    if not wait:
+        print(
+            f"follow it: finetune status {config.name} -n {cluster.namespace}; finetune logs {config.name} -f"
+        )
+        return 0
+    return _follow_driver(cluster, driver)
+
+
+def _schedule(config: Config, cron_text: str, files: list[ManifestFile], cluster: Cluster) -> int:
+    from pipeline.cluster import jobs
+
+    documents = [d for f in files if f.applied for d in f.documents if d["kind"] != "Job"]
+    cron_job = jobs.cron_job(config, cron_text)
+    _apply(cluster, [*documents, cron_job])
+    print(
+        f"scheduled run {config.name}: '{cron_text}' (UTC), CronJob {cron_job['metadata']['name']} "
+        f"in namespace {cluster.namespace}; a run whose input data did not change ends with 'no new data'"
+    )
+    return 0
+
+
+def _selector(run: str, component: str | None = None) -> str:
+    selector = f"app.kubernetes.io/name=finetune,app.kubernetes.io/instance={run}"
+    return selector + (f",app.kubernetes.io/component={component}" if component else "")
+
+
+def _active(job: dict) -> bool:
+    from pipeline.cluster.views import PENDING, RUNNING, job_state
+
+    return job_state(job).phase in (PENDING, RUNNING)
+
+
+def _status(cluster: Cluster, run: str) -> int:
+    from pipeline.cluster.driver import JOB_STAGES
+    from pipeline.cluster.views import status_lines
+
+    jobs = cluster.list_jobs(_selector(run))
+    schedule = cluster.read("CronJob", f"{run}-schedule")
+    if not jobs and schedule is None:
+        raise FinetuneError(
+            f"run '{run}' has no Jobs and no schedule in namespace {cluster.namespace} ({cluster.where}); "
+            "start it with `finetune submit --config FILE`"
+        )
+    print(f"run {run} in namespace {cluster.namespace}:")
+    now = datetime.datetime.now(datetime.UTC)
+    for line in status_lines(run, jobs, schedule, now, tuple(JOB_STAGES)):
+        print(line)
+    return 0
+
+
+def _follow_driver(cluster: Cluster, job: str) -> int:
+    """Prints the driver pods' logs as they come (a retried driver's too) until the Job ends;
+    0 when it succeeded, 1 when it failed."""
+    from pipeline.cluster.views import FAILED, SUCCEEDED, describe, job_state, log_sources
+
+    followed: set[str] = set()
+    waiting_said = False
+    while True:
+        found = cluster.read("Job", job)
+        if found is None:
+            raise FinetuneError(f"the driver Job {job} was deleted")
+        state = job_state(found)
+        sources = log_sources(cluster.job_pods(job))
+        if not waiting_said and not any(s.started for s in sources):
+            print(f"waiting for the driver pod of {job} to start ...", flush=True)
+            waiting_said = True
+        for source in sources:
+            if source.started and source.pod not in followed:
+                followed.add(source.pod)
+                for line in cluster.log_lines(source.pod, source.container, follow=True):
+                    print(line, flush=True)
+        if state.phase in (SUCCEEDED, FAILED):
+            print(f"driver Job {job}: {describe(state)}")
+            return 0 if state.phase == SUCCEEDED else 1
+        time.sleep(2)
+
+
+def _logs(cluster: Cluster, run: str, stage: str, follow: bool) -> int:
+    from pipeline.cluster.views import log_sources
+
+    job = (
+        _newest_driver(cluster, run)
+        if stage == "driver"
+        else f"{run}-{'evaluate' if stage == 'push' else stage}"
+    )
+    sources = log_sources(cluster.job_pods(job), "push" if stage == "push" else None)
+    if not sources:
+        raise FinetuneError(
+            f"Job {job} has no pods in namespace {cluster.namespace} (not started, or removed "
+            f"after cluster.ttl_seconds_after_finished); see `finetune status {run}`"
+        )
+    if not follow:
+        for s in sources:
+            lines = cluster.log_lines(s.pod, s.container) if s.started else ["(not started yet)"]
+            for line in lines:
+                print(s.prefix + line)
+        return 0
+    lock = threading.Lock()
+    pods = sorted({s.pod for s in sources}, key=[s.pod for s in sources].index)
+    threads = [
+        threading.Thread(
+            target=_follow_pod, args=(cluster, [s for s in sources if s.pod == p], lock), daemon=True
+        )
+        for p in pods
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return 0
+
+
+def _follow_pod(cluster: Cluster, sources: list[LogSource], lock: threading.Lock) -> None:
+    """Follows a pod's containers in order, each once it has started (init containers first);
+    runs in a thread of its own, so errors are printed, not raised."""
+    from pipeline.cluster.views import log_sources
+
+    try:
+        for source in sources:
+            started = source.started
+            while not started:  # e.g. push, while evaluate (its init container) runs
+                time.sleep(2)
+                pod = cluster.read("Pod", source.pod)
+                if pod is None:
+                    return
+                started = _began(log_sources([pod]), source.container)
+                if not started and (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                    return  # the pod ended before this container ran
+            for line in cluster.log_lines(source.pod, source.container, follow=True):
+                with lock:
+                    print(source.prefix + line, flush=True)
+    except FinetuneError as e:
+        with lock:
+            print(f"finetune logs: {source.pod}/{source.container}: {e}", file=sys.stderr, flush=True)
+
+
+def _began(sources: list[LogSource], container: str) -> bool:
+    return any(s.started for s in sources if s.container == container)
+
+
+def _newest_driver(cluster: Cluster, run: str) -> str:
+    drivers = cluster.list_jobs(_selector(run, "driver"))
+    if not drivers:
+        raise FinetuneError(
+            f"run '{run}' has no driver Job in namespace {cluster.namespace}; see `finetune status {run}`"
+        )
+    return max(drivers, key=lambda j: j["metadata"].get("creationTimestamp") or "")["metadata"]["name"]
