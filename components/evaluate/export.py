@@ -161,7 +161,12 @@ def convert_tflite(keras_model: Any, image_size: int, quantization: str) -> byte
     spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="image")
     function = tf.function(lambda image: {"probabilities": keras_model(image, training=False)})
     concrete = function.get_concrete_function(spec)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], keras_model)
+    # The converter saves the trackable it is given as a temporary SavedModel. Handing it the
+    # Keras model makes it walk every layer's attributes (~35 s for MobileNetV2 on 2 cores); a
+    # module holding only the variables the function reads gives the same flatbuffer in ~7 s.
+    variables = tf.Module()
+    variables.weights = list(keras_model.weights)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], variables)
     converter.optimizations = QUANTIZATION[quantization]
     if quantization == "float16":
         converter.target_spec.supported_types = [tf.float16]
