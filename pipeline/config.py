@@ -80,13 +80,16 @@ class PreprocessConfig:
     """The Beam + tf.Transform preprocessing stage.
 
     ``runner`` and ``pipeline_options`` go to Beam unchanged, so the same pipeline runs on
-    Dataflow, Flink or Spark. ``num_workers`` sets the local runner's worker processes
-    (``0``: one per CPU core); remote runners ignore it.
+    Dataflow, Flink or Spark. ``image_threads`` is how many threads read and decode images
+    in each Beam worker (``0``: one per core of the worker's machine, at most 8); they are
+    what uses a machine's cores. ``num_workers`` sets the local runner's worker processes
+    (``0``: one, in this process); remote runners ignore it.
     """
 
     runner: str = "DirectRunner"
     pipeline_options: dict[str, Any] = field(default_factory=dict)
     num_workers: int = 0
+    image_threads: int = 0
     num_shards: int = 4
     min_image_size: int = 32
     max_bad_fraction: float = 0.1
@@ -381,6 +384,7 @@ def _validate_preprocess(p: PreprocessConfig) -> list[str]:
         )
     for key, value, low, high in (
         ("num_workers", p.num_workers, 0, 1024),
+        ("image_threads", p.image_threads, 0, 256),
         ("num_shards", p.num_shards, 1, 100_000),
         ("min_image_size", p.min_image_size, 1, 100_000),
         ("jpeg_quality", p.jpeg_quality, 1, 100),

@@ -56,6 +56,7 @@ EXECUTION_ONLY = frozenset(
         "preprocess.runner",
         "preprocess.pipeline_options",
         "preprocess.num_workers",
+        "preprocess.image_threads",
         "train.backup_every_steps",
         "evaluate.batch_size",
     }

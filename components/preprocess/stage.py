@@ -33,10 +33,6 @@ STAGE = "preprocess"
 # Runners that execute in this process's machine, where TF's file system cannot reach a
 # GCS emulator and need not: the transform graph is staged locally and uploaded.
 LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "PrismRunner")
-# With num_workers 0 the local runner uses one process per core only from this many inputs.
-# Worker processes cost ~11 s more start-up and, on 2 cores, were no faster per image than one
-# in-process worker (`make bench`, README "Performance"): below this, in-process finishes first.
-PARALLEL_MIN_IMAGES = 5000
 
 
 def output_dir(config: Config) -> str:
@@ -44,21 +40,31 @@ def output_dir(config: Config) -> str:
     return storage.join(config.run_dir, STAGE)
 
 
-def local_workers(config: Config, num_inputs: int) -> int:
-    """Worker processes for the local runner: ``preprocess.num_workers``, or when it is 0,
-    one per core for large inputs and one in-process worker for small ones."""
-    if config.preprocess.num_workers:
-        return config.preprocess.num_workers
-    return (os.cpu_count() or 1) if num_inputs >= PARALLEL_MIN_IMAGES else 1
+def local_workers(config: Config) -> int:
+    """Worker processes for the local runner: ``preprocess.num_workers``, or one in-process
+    worker when it is 0. The image threads use the cores; Beam's worker processes send every
+    element through this driver process over gRPC and were slower on one machine (README,
+    "Performance")."""
+    return config.preprocess.num_workers or 1
 
 
-def beam_options(config: Config, temp_location: str, num_inputs: int) -> PipelineOptions:
+def image_threads(config: Config) -> int:
+    """``preprocess.image_threads`` for each worker; when 0 and the local runner has several
+    worker processes, the machine's cores shared among them (0 otherwise: each worker uses
+    its own machine's cores)."""
+    threads = config.preprocess.image_threads
+    if threads or config.preprocess.runner not in LOCAL_RUNNERS or local_workers(config) == 1:
+        return threads
+    return max(1, (os.cpu_count() or 1) // local_workers(config))
+
+
+def beam_options(config: Config, temp_location: str) -> PipelineOptions:
     """The Beam options: ``preprocess.pipeline_options`` passed through unchanged (they win),
     plus the runner and, for the local runner, its worker count and mode."""
     p = config.preprocess
     options: dict[str, Any] = {"runner": p.runner, "temp_location": temp_location}
     if p.runner in LOCAL_RUNNERS:
-        workers = local_workers(config, num_inputs)
+        workers = local_workers(config)
         options["direct_num_workers"] = workers
         options["direct_running_mode"] = "multi_processing" if workers > 1 else "in_memory"
     options.update(p.pipeline_options)
@@ -158,11 +164,12 @@ def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> 
         image_size=size,
         min_image_size=config.preprocess.min_image_size,
         jpeg_quality=config.preprocess.jpeg_quality,
+        image_threads=image_threads(config),
         num_shards=config.preprocess.num_shards,
         split_fractions=(split.train, split.eval, split.test),
         source_has_eval=listing.has_eval,
     )
-    options = beam_options(config, storage.join(work.staging, "tmp", "beam"), len(listing.candidates))
+    options = beam_options(config, storage.join(work.staging, "tmp", "beam"))
     with tft_beam.Context(temp_dir=work.tft_temp, force_tf_compat_v1=False):
         with beam.Pipeline(runner=_runner(config), options=options) as p:
             graph.build(p, plan)

@@ -35,45 +35,63 @@ def dead_letter(record: dict[str, Any], stage: str, reason: str, detail: str) ->
     }
 
 
+def decode_record(
+    record: dict[str, Any], size: int, min_size: int, quality: int
+) -> tuple[bool, dict[str, Any]]:
+    """Decodes one record's ``data``: ``(True, example)`` or ``(False, dead letter)``.
+
+    Pure and thread-safe: the pipeline runs it on a pool of threads (Pillow and hashlib
+    release the GIL while they work), the composite below runs it one record at a time.
+    """
+    if not record.get("label"):
+        return False, dead_letter(record, "DecodeAndValidate", "missing_label", "no label")
+    data = record["data"]
+    try:
+        image = images.process_image(data, size, min_size, quality)
+    except images.BadImage as e:
+        return False, dead_letter(record, "DecodeAndValidate", e.reason, e.detail)
+    return True, {
+        "id": record["id"],
+        "uri": record["uri"],
+        "label": record["label"],
+        "split": record.get("split", ""),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "image": image.encoded,
+        "pixel_mean": list(image.pixel_mean),
+        "pixel_sq_mean": list(image.pixel_sq_mean),
+    }
+
+
+class DecodeCounters:
+    """The decode counters and progress log, kept on the bundle's own thread (Beam's metrics
+    belong to the thread that processes the bundle, not to pool threads)."""
+
+    def __init__(self):
+        self._decoded = beam.metrics.Metrics.counter("DecodeAndValidate", "decoded")
+        self._rejected = beam.metrics.Metrics.counter("DecodeAndValidate", "rejected")
+        self._seen = 0
+
+    def route(self, ok: bool, row: dict[str, Any]):
+        """The output for one :func:`decode_record` result: the example or a dead letter."""
+        self._seen += 1
+        if self._seen % 500 == 0:
+            _LOG.info("DecodeAndValidate: %d images on this worker", self._seen)
+        if ok:
+            self._decoded.inc()
+            return row
+        self._rejected.inc()
+        return beam.pvalue.TaggedOutput(DEAD_LETTER, row)
+
+
 class _DecodeAndValidateFn(beam.DoFn):
     """Decodes one image; on every worker. Bad images go to the dead-letter output."""
 
     def __init__(self, size: int, min_size: int, quality: int):
         self._size, self._min_size, self._quality = size, min_size, quality
-        self._decoded = beam.metrics.Metrics.counter("DecodeAndValidate", "decoded")
-        self._rejected = beam.metrics.Metrics.counter("DecodeAndValidate", "rejected")
-        self._seen = 0
+        self._counters = DecodeCounters()
 
     def process(self, record: dict[str, Any]):
-        self._seen += 1
-        if self._seen % 500 == 0:
-            _LOG.info("DecodeAndValidate: %d images on this worker", self._seen)
-        if not record.get("label"):
-            self._rejected.inc()
-            yield beam.pvalue.TaggedOutput(
-                DEAD_LETTER, dead_letter(record, "DecodeAndValidate", "missing_label", "no label")
-            )
-            return
-        data = record["data"]
-        try:
-            image = images.process_image(data, self._size, self._min_size, self._quality)
-        except images.BadImage as e:
-            self._rejected.inc()
-            yield beam.pvalue.TaggedOutput(
-                DEAD_LETTER, dead_letter(record, "DecodeAndValidate", e.reason, e.detail)
-            )
-            return
-        self._decoded.inc()
-        yield {
-            "id": record["id"],
-            "uri": record["uri"],
-            "label": record["label"],
-            "split": record.get("split", ""),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "image": image.encoded,
-            "pixel_mean": list(image.pixel_mean),
-            "pixel_sq_mean": list(image.pixel_sq_mean),
-        }
+        yield self._counters.route(*decode_record(record, self._size, self._min_size, self._quality))
 
 
 class DecodeAndValidate(beam.PTransform):
