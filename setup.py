@@ -20,6 +20,7 @@ setup(
         "tensorflow-transform==1.21.*",
         "apache-beam[gcp]==2.77.*",
         "google-cloud-storage>=3,<4",
+        "google-crc32c>=1.5",  # the TFRecord framing of the preprocessing stage's shard writer
         "pillow>=11",
         "pyyaml>=6",
         "matplotlib>=3.8",  # the run report's plots (Agg, rendered to PNG)

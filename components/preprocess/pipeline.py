@@ -152,24 +152,48 @@ def _analyse(kept, transform_fn_dir: str) -> beam.pvalue.AsSideInput:
 
 
 def _write_records(labelled, plan: Plan):
-    """Writes each split's sharded TFRecords; returns ``(split, label)`` per written record."""
+    """Writes each split's TFRecord shards; returns ``(split, label)`` per written record.
+
+    Deterministic: a record's shard comes from its content hash and each shard is written in
+    hash order, so the same images always give byte-identical files on any runner (and the
+    trainer, seeded, the same model). A shard's records are sorted in memory when it is
+    written: raise ``preprocess.num_shards`` to keep shards small (TensorFlow's guidance is
+    100-200 MB each).
+    """
     written = []
     for s in SPLITS:
+        keyed = labelled[s] | f"KeyByShard[{s}]" >> beam.Map(_keyed_record, plan.num_shards)
+        # Every shard is written, an empty file when no record hashes to it (as Beam's own
+        # fixed-shard writes do), so readers always find num_shards files.
+        every_shard = labelled[s].pipeline | f"EveryShard[{s}]" >> beam.Create(
+            [(i, None) for i in range(plan.num_shards)]
+        )
         _ = (
-            labelled[s]
-            | f"Encode[{s}]"
-            >> beam.Map(lambda ex: schema.encode_example(ex["image"], ex["label_id"], ex["label"], ex["uri"]))
+            (keyed, every_shard)
+            | f"FlattenShards[{s}]" >> beam.Flatten()
+            | f"GroupByShard[{s}]" >> beam.GroupByKey()
             | f"WriteTFRecords[{s}]"
-            >> beam.io.WriteToTFRecord(
-                storage.join(plan.output_dir, s, "data"),
-                file_name_suffix=schema.TFRECORD_SUFFIX,
-                num_shards=plan.num_shards,
-            )
+            >> beam.Map(_write_shard, storage.join(plan.output_dir, s), plan.num_shards)
         )
         written.append(
             labelled[s] | f"CountRecords[{s}]" >> beam.Map(lambda ex: ("record", ex["split"], ex["label"]))
         )
     return written | "FlattenRecords" >> beam.Flatten()
+
+
+def _keyed_record(example: dict[str, Any], num_shards: int) -> tuple[int, tuple[str, bytes]]:
+    """``(shard, (content hash, serialized tf.Example))`` for one labelled example."""
+    record = schema.encode_example(example["image"], example["label_id"], example["label"], example["uri"])
+    return schema.shard_of(example["sha256"], num_shards), (example["sha256"], record)
+
+
+def _write_shard(shard: tuple[int, Any], directory: str, num_shards: int) -> str:
+    """Writes one shard's records in content-hash order (atomically, through the storage edge)."""
+    index, records = shard
+    uri = storage.join(directory, schema.shard_name(index, num_shards))
+    ordered = sorted(record for record in records if record is not None)
+    storage.write_bytes(uri, b"".join(schema.frame_record(data) for _, data in ordered))
+    return uri
 
 
 def _write_reports(records, dead_letters, duplicates, output_dir: str) -> None:

@@ -6,6 +6,9 @@ Images are stored encoded (JPEG at ``model.image_size``), not as float pixels: a
 
 from __future__ import annotations
 
+import struct
+
+import google_crc32c
 import tensorflow as tf
 
 # Written by the preprocessing stage, read by the trainer and the evaluator.
@@ -32,7 +35,31 @@ def encode_example(image: bytes, label: int, label_name: str, uri: str) -> bytes
         "label_name": _bytes(label_name.encode("utf-8")),
         "uri": _bytes(uri.encode("utf-8")),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # deterministic: map entries in key order, so the same record is always the same bytes
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+
+
+def shard_of(sha256: str, num_shards: int) -> int:
+    """The shard an image's record goes to, from its content hash: the same image always lands
+    in the same shard, whatever else is in the run."""
+    return int(sha256[:16], 16) % num_shards
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    """``data-00001-of-00004.tfrecord``: Beam's shard naming, which readers glob for."""
+    return f"data-{index:05d}-of-{num_shards:05d}{TFRECORD_SUFFIX}"
+
+
+def frame_record(data: bytes) -> bytes:
+    """One record in the TFRecord file format: length, masked CRC-32C of the length, the
+    bytes, masked CRC-32C of the bytes (as ``tf.io.TFRecordWriter`` writes them)."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
