@@ -375,6 +375,15 @@ def _validate_download(d: DataConfig) -> list[str]:
     return problems
 
 
+def _out_of_range(prefix: str, checks: tuple[tuple[str, float, float, float], ...]) -> list[str]:
+    """One problem per ``(key, value, low, high)`` whose value is outside [low, high]."""
+    return [
+        f"{prefix}{key}: {value} must be between {low} and {high}"
+        for key, value, low, high in checks
+        if not low <= value <= high
+    ]
+
+
 def _validate_preprocess(p: PreprocessConfig) -> list[str]:
     problems = []
     if p.runner not in KNOWN_RUNNERS and "." not in p.runner:
@@ -382,15 +391,16 @@ def _validate_preprocess(p: PreprocessConfig) -> list[str]:
             f"preprocess.runner: unknown runner '{p.runner}'{did_you_mean(p.runner, KNOWN_RUNNERS)} "
             f"Valid: {', '.join(KNOWN_RUNNERS)}, or a dotted path to a runner class"
         )
-    for key, value, low, high in (
-        ("num_workers", p.num_workers, 0, 1024),
-        ("image_threads", p.image_threads, 0, 256),
-        ("num_shards", p.num_shards, 1, 100_000),
-        ("min_image_size", p.min_image_size, 1, 100_000),
-        ("jpeg_quality", p.jpeg_quality, 1, 100),
-    ):
-        if not low <= value <= high:
-            problems.append(f"preprocess.{key}: {value} must be between {low} and {high}")
+    problems += _out_of_range(
+        "preprocess.",
+        (
+            ("num_workers", p.num_workers, 0, 1024),
+            ("image_threads", p.image_threads, 0, 256),
+            ("num_shards", p.num_shards, 1, 100_000),
+            ("min_image_size", p.min_image_size, 1, 100_000),
+            ("jpeg_quality", p.jpeg_quality, 1, 100),
+        ),
+    )
     if not 0.0 <= p.max_bad_fraction <= 1.0:
         problems.append(f"preprocess.max_bad_fraction: {p.max_bad_fraction} must be between 0 and 1")
     return problems
@@ -407,16 +417,17 @@ def tri_state(value: str) -> str:
 
 def _validate_train(t: TrainConfig) -> list[str]:
     problems = []
-    for key, value, low, high in (
-        ("batch_size", t.batch_size, 1, 65_536),
-        ("baseline_epochs", t.baseline_epochs, 1, 100_000),
-        ("finetune_epochs", t.finetune_epochs, 1, 100_000),
-        ("early_stopping_patience", t.early_stopping_patience, 0, 100_000),
-        ("backup_every_steps", t.backup_every_steps, 0, 10**9),
-        ("shuffle_buffer", t.shuffle_buffer, 1, 10**8),
-    ):
-        if not low <= value <= high:
-            problems.append(f"train.{key}: {value} must be between {low} and {high}")
+    problems += _out_of_range(
+        "train.",
+        (
+            ("batch_size", t.batch_size, 1, 65_536),
+            ("baseline_epochs", t.baseline_epochs, 1, 100_000),
+            ("finetune_epochs", t.finetune_epochs, 1, 100_000),
+            ("early_stopping_patience", t.early_stopping_patience, 0, 100_000),
+            ("backup_every_steps", t.backup_every_steps, 0, 10**9),
+            ("shuffle_buffer", t.shuffle_buffer, 1, 10**8),
+        ),
+    )
     if not t.baseline_learning_rate > 0:
         problems.append(f"train.baseline_learning_rate: {t.baseline_learning_rate} must be above 0")
     if t.finetune_learning_rate < 0:
@@ -459,16 +470,17 @@ def _validate_evaluate(config: Config) -> list[str]:
 
     e, g, x = config.evaluate, config.gate, config.export
     problems = []
-    for key, value, low, high in (
-        ("evaluate.top_k", e.top_k, 1, 1000),
-        ("evaluate.batch_size", e.batch_size, 1, 65_536),
-        ("evaluate.bootstrap_samples", e.bootstrap_samples, 100, 10**6),
-        ("evaluate.calibration_bins", e.calibration_bins, 1, 1000),
-        ("evaluate.misclassified_examples", e.misclassified_examples, 0, 1000),
-        ("export.top_k", x.top_k, 0, 100_000),
-    ):
-        if not low <= value <= high:
-            problems.append(f"{key}: {value} must be between {low} and {high}")
+    problems += _out_of_range(
+        "",
+        (
+            ("evaluate.top_k", e.top_k, 1, 1000),
+            ("evaluate.batch_size", e.batch_size, 1, 65_536),
+            ("evaluate.bootstrap_samples", e.bootstrap_samples, 100, 10**6),
+            ("evaluate.calibration_bins", e.calibration_bins, 1, 1000),
+            ("evaluate.misclassified_examples", e.misclassified_examples, 0, 1000),
+            ("export.top_k", x.top_k, 0, 100_000),
+        ),
+    )
     if g.metric not in GATE_METRICS:
         problems.append(
             f"gate.metric: unknown metric '{g.metric}'{did_you_mean(g.metric, GATE_METRICS)} "
@@ -516,15 +528,16 @@ def _validate_cluster(c: ClusterConfig) -> list[str]:
     """``cluster``: value checks only; what a cluster run needs beyond these (an image,
     gs:// paths) is checked when manifests are rendered (``pipeline.cluster.check``)."""
     problems = []
-    for key, value, low, high in (
-        ("workers", c.workers, 1, 1000),
-        ("gpus_per_worker", c.gpus_per_worker, 0, 16),
-        ("backoff_limit", c.backoff_limit, 0, 100),
-        ("ttl_seconds_after_finished", c.ttl_seconds_after_finished, 0, 10**8),
-        ("starting_deadline_seconds", c.starting_deadline_seconds, 10, 10**7),
-    ):
-        if not low <= value <= high:
-            problems.append(f"cluster.{key}: {value} must be between {low} and {high}")
+    problems += _out_of_range(
+        "cluster.",
+        (
+            ("workers", c.workers, 1, 1000),
+            ("gpus_per_worker", c.gpus_per_worker, 0, 16),
+            ("backoff_limit", c.backoff_limit, 0, 100),
+            ("ttl_seconds_after_finished", c.ttl_seconds_after_finished, 0, 10**8),
+            ("starting_deadline_seconds", c.starting_deadline_seconds, 10, 10**7),
+        ),
+    )
     if not _NAME_RE.match(c.namespace):
         problems.append(
             f"cluster.namespace: '{c.namespace}' must be 1-63 lowercase letters, digits or '-', "

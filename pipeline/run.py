@@ -18,6 +18,7 @@ Runs in one process (a laptop, or one pod); in a cluster, run the stages as sepa
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import importlib
@@ -115,6 +116,7 @@ STAGES = (
     Stage("evaluate", "components.evaluate.stage", _evaluate_outputs),
     Stage("push", "components.push.stage", lambda c: _summary_outputs(c, "push")),
 )
+_BY_NAME = {s.name: s for s in STAGES}
 
 
 def input_fingerprint(config: Config) -> str:
@@ -279,8 +281,37 @@ def _say(message: str) -> None:
     print(f"[run] {message}", flush=True)
 
 
-def _write(config: Config, record: dict[str, Any]) -> None:
+def write_record(config: Config, record: dict[str, Any]) -> None:
+    """Rewrites ``<run_dir>/run.json`` (atomically, through the storage edge)."""
     storage.write_text(storage.join(config.run_dir, RUN_FILE), json.dumps(record, indent=2) + "\n")
+
+
+def mark_done(config: Config, entry: dict[str, Any], stage: str, seconds: float, answer: Any = None) -> None:
+    """Records a stage that finished: ok, its seconds, and the facts of its outputs (plus
+    what the stage's own ``answer`` says that its files do not, for evaluate and push)."""
+    facts = _BY_NAME[stage].finished(config) or {"dir": outputs.stage_dir(config.run_dir, stage)}
+    if isinstance(answer, dict):
+        facts |= {
+            k: answer[k] for k in ("blessed", "reason", "pushed", "version") if k in answer and k not in facts
+        }
+    entry.update(status="ok", seconds=round(seconds, 3), completed=utc_now(), outputs=facts)
+
+
+def failed_run(
+    config: Config, record: dict[str, Any], stage: str, error: str, seconds: float | None, resume: str
+) -> StageError:
+    """Records the run as failed at ``stage`` and returns the StageError that names it, the
+    outputs kept and how to resume (``resume``: "re-run", "submit again"). ``seconds``: the
+    run's time, or None to take it from its start and end stamps."""
+    kept = [n for n, e in record["stages"].items() if e["status"] in ("ok", "skipped") and e.get("completed")]
+    record.update(status="failed", finished=utc_now(), error=f"stage '{stage}' failed: {error}")
+    if seconds is None:
+        begin, end = (datetime.datetime.fromisoformat(record[k]) for k in ("started", "finished"))
+        seconds = (end - begin).total_seconds()
+    record["seconds"] = round(seconds, 3)
+    write_record(config, record)
+    kept_text = f"outputs of {', '.join(kept)} are kept; " if kept else ""
+    return StageError(f"stage '{stage}' failed: {error}; {kept_text}{resume} to resume from {stage}")
 
 
 def read_record(run_dir: str) -> dict[str, Any] | None:
@@ -326,7 +357,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         "version": code_version(),
         "stages": {s.name: {"status": "pending", "key": keys[s.name]} for s in STAGES},
     }
-    _write(config, record)
+    write_record(config, record)
     earlier_ran = False
     for number, stage in enumerate(STAGES, start=1):
         label, entry = f"{number}/{len(STAGES)} {stage.name}", record["stages"][stage.name]
@@ -345,9 +376,9 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
             if error is not None:
                 _fail(config, record, stage.name, error, clock)
             earlier_ran = True
-        _write(config, record)
+        write_record(config, record)
     record.update(status="ok", finished=utc_now(), seconds=round(time.perf_counter() - clock, 3))
-    _write(config, record)
+    write_record(config, record)
     _report(config, record)
     return record
 
@@ -366,7 +397,7 @@ def _execute(config: Config, record: dict[str, Any], stage: Stage, label: str, w
     """Runs one stage in this process and records it; returns its exception, if it raised."""
     entry = record["stages"][stage.name]
     entry.update(status="running", started=utc_now(), seconds=None, reason=why)
-    _write(config, record)
+    write_record(config, record)
     _say(f"{label}: running ({why})")
     clock = time.perf_counter()
     try:
@@ -377,14 +408,7 @@ def _execute(config: Config, record: dict[str, Any], stage: Stage, label: str, w
             entry.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=-20))
         _say(f"{label}: failed after {entry['seconds']:.1f} s: {entry['error']}")
         return exc
-    facts = stage.finished(config) or {"dir": outputs.stage_dir(config.run_dir, stage.name)}
-    if isinstance(result, dict):  # push's and evaluate's answer, when their files say less
-        facts |= {
-            k: result[k] for k in ("blessed", "reason", "pushed", "version") if k in result and k not in facts
-        }
-    entry.update(
-        status="ok", seconds=round(time.perf_counter() - clock, 3), completed=utc_now(), outputs=facts
-    )
+    mark_done(config, entry, stage.name, time.perf_counter() - clock, result)
     _say(f"{label}: done in {entry['seconds']:.1f} s")
     return None
 
@@ -392,16 +416,7 @@ def _execute(config: Config, record: dict[str, Any], stage: Stage, label: str, w
 def _fail(config: Config, record: dict[str, Any], stage: str, exc: Exception, clock: float) -> NoReturn:
     """Records the failed run and raises the StageError that names the stage."""
     error = record["stages"][stage]["error"]
-    kept = [n for n, e in record["stages"].items() if e["status"] in ("ok", "skipped") and e.get("completed")]
-    record.update(
-        status="failed",
-        finished=utc_now(),
-        seconds=round(time.perf_counter() - clock, 3),
-        error=f"stage '{stage}' failed: {error}",
-    )
-    _write(config, record)
-    kept_text = f"outputs of {', '.join(kept)} are kept; " if kept else ""
-    raise StageError(f"stage '{stage}' failed: {error}; {kept_text}re-run to resume from {stage}") from exc
+    raise failed_run(config, record, stage, error, time.perf_counter() - clock, "re-run") from exc
 
 
 def _report(config: Config, record: dict[str, Any]) -> None:

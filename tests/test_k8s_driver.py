@@ -373,7 +373,7 @@ def test_a_failed_run_keeps_the_last_success_so_a_failure_is_not_mistaken_for_ne
     keys = pipeline_run.stage_keys(config, fingerprint)
     record = driver.new_record(config, fingerprint, keys, ok)
     record.update(status="failed", error="stage 'train' failed: ...")
-    driver._write(config, record)
+    driver.write_record(config, record)
     failed = pipeline_run.read_record(config.run_dir)
     assert failed["last_success"] == {"input_fingerprint": fingerprint, "finished": ok["finished"]}
     assert not driver.has_new_data(failed, fingerprint)

@@ -10,6 +10,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from components.preprocess import transforms
+from components.preprocess.sources import Candidate
 
 
 def _jpeg(seed: int, size=(48, 48)) -> bytes:
@@ -19,20 +20,40 @@ def _jpeg(seed: int, size=(48, 48)) -> bytes:
     return out.getvalue()
 
 
-def test_decode_and_validate_routes_bad_records_with_reasons():
-    records = [
-        {"id": 0, "uri": "a.jpg", "label": "cat", "split": "", "data": _jpeg(1)},
-        {"id": 0, "uri": "b.jpg", "label": "cat", "split": "test", "data": b""},
-        {"id": 0, "uri": "c.jpg", "label": "", "split": "", "data": _jpeg(2)},
-        {"id": 0, "uri": "d.jpg", "label": "dog", "split": "", "data": b"not an image"},
-        {"id": 0, "uri": "e.jpg", "label": "dog", "split": "", "data": _jpeg(3, (10, 10))},
+def test_read_and_decode_routes_bad_candidates_with_reasons_on_threads():
+    files = {
+        "a.jpg": _jpeg(1),
+        "b.jpg": b"",
+        "c.jpg": _jpeg(2),
+        "d.jpg": b"not an image",
+        "e.jpg": _jpeg(3, (10, 10)),
+        **{f"ok{i}.jpg": _jpeg(10 + i) for i in range(40)},  # more than one batch
+    }
+    candidates = [
+        Candidate("a.jpg", "cat", id=0),
+        Candidate("b.jpg", "cat", "test", id=1),
+        Candidate("c.jpg", "", id=2),
+        Candidate("d.jpg", "dog", id=3),
+        Candidate("e.jpg", "dog", id=4),
+        Candidate("gone.jpg", "dog", id=5),  # the reader raises: unreadable
+        Candidate("x.csv#7", "", problem="bad_manifest_row", detail="no uri", id=6),
+        *(Candidate(f"ok{i}.jpg", "cat", id=7 + i) for i in range(40)),
     ]
     with TestPipeline() as p:
-        result = p | beam.Create(records) | transforms.DecodeAndValidate(size=32, min_size=16)
+        result = (
+            p
+            | beam.Create(candidates)
+            | transforms.ReadAndDecode(files.__getitem__, size=32, min_size=16, threads=2)
+        )
         assert_that(
             result.examples
             | beam.Map(lambda ex: (ex["uri"], ex["label"], ex["sha256"], len(ex["pixel_mean"]))),
-            equal_to([("a.jpg", "cat", hashlib.sha256(records[0]["data"]).hexdigest(), 3)]),
+            equal_to(
+                [
+                    (uri, "cat", hashlib.sha256(files[uri]).hexdigest(), 3)
+                    for uri in ["a.jpg", *(f"ok{i}.jpg" for i in range(40))]
+                ]
+            ),
             label="examples",
         )
         assert_that(
@@ -43,6 +64,8 @@ def test_decode_and_validate_routes_bad_records_with_reasons():
                     ("c.jpg", "DecodeAndValidate", "missing_label"),
                     ("d.jpg", "DecodeAndValidate", "not_an_image"),
                     ("e.jpg", "DecodeAndValidate", "too_small"),
+                    ("gone.jpg", "ReadImages", "unreadable"),
+                    ("x.csv#7", "ListImages", "bad_manifest_row"),
                 ]
             ),
             label="dead_letters",

@@ -8,8 +8,6 @@ All file access goes through Beam's own I/O (``ReadFromText``, ``WriteToTFRecord
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +21,6 @@ from components.preprocess.splits import SPLITS
 from pipeline import storage
 
 LEAKAGE_EXAMPLES = 10
-# Candidates read and decoded per batch: enough to keep every image thread busy, few enough
-# that a batch of full-size originals stays small in memory.
-READ_BATCH = 32
-MAX_DEFAULT_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -45,60 +39,6 @@ class Plan:
     source_has_eval: bool
 
 
-def default_image_threads() -> int:
-    """Image threads when ``preprocess.image_threads`` is 0: one per core of this machine, at
-    most :data:`MAX_DEFAULT_THREADS`."""
-    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_THREADS))
-
-
-class _ReadAndDecodeFn(beam.DoFn):
-    """Reads and decodes a batch of candidates on a pool of threads; on every worker.
-
-    File reads, Pillow's decode / resize / encode and hashlib all release the GIL, so the
-    threads keep several cores busy inside one Beam worker (and overlap the latency of gs://
-    reads). Results come back in input order. Unreadable files and bad images become dead
-    letters; a read error after the client's own retries is that file's problem, not the run's.
-    """
-
-    def __init__(self, size: int, min_size: int, quality: int, threads: int):
-        self._args = (size, min_size, quality)
-        self._threads = threads
-        self._counters = transforms.DecodeCounters()
-        self._pool: ThreadPoolExecutor | None = None
-
-    def setup(self):
-        threads = self._threads or default_image_threads()  # resolved where the worker runs
-        if threads > 1:
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
-
-    def teardown(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def process(self, batch: list[Candidate]):
-        results = self._pool.map(self._one, batch) if self._pool else map(self._one, batch)
-        for ok, row in results:
-            yield self._counters.route(ok, row)
-
-    def _one(self, candidate: Candidate) -> tuple[bool, dict[str, Any]]:
-        record = {
-            "id": candidate.id,
-            "uri": candidate.uri,
-            "label": candidate.label,
-            "split": candidate.split,
-        }
-        if candidate.problem:
-            return False, transforms.dead_letter(record, "ListImages", candidate.problem, candidate.detail)
-        try:
-            record["data"] = storage.read_bytes(candidate.uri)
-        except Exception as e:  # any read error (missing, permission denied, ...)
-            return False, transforms.dead_letter(
-                record, "ReadImages", "unreadable", f"{type(e).__name__}: {e}"
-            )
-        return transforms.decode_record(record, *self._args)
-
-
 def _raw(example: dict[str, Any]) -> dict[str, Any]:
     return {k: example[k] for k in analysis.RAW_FEATURE_SPEC}
 
@@ -110,11 +50,10 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
         | "ListImages" >> beam.io.ReadFromText(plan.candidates_uri)
         | "ParseCandidates" >> beam.Map(Candidate.from_json)
         | "Distribute" >> beam.Reshuffle()
-        | "Batch" >> beam.BatchElements(min_batch_size=READ_BATCH, max_batch_size=READ_BATCH)
         | "ReadImages"
-        >> beam.ParDo(
-            _ReadAndDecodeFn(plan.image_size, plan.min_image_size, plan.jpeg_quality, plan.image_threads)
-        ).with_outputs(transforms.DEAD_LETTER, main="examples")
+        >> transforms.ReadAndDecode(
+            storage.read_bytes, plan.image_size, plan.min_image_size, plan.jpeg_quality, plan.image_threads
+        )
     )
     train_f, eval_f, test_f = plan.split_fractions
     examples = decoded.examples | "AssignSplits" >> transforms.AssignSplits(

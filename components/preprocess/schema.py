@@ -36,7 +36,9 @@ def encode_example(image: bytes, label: int, label_name: str, uri: str) -> bytes
         "uri": _bytes(uri.encode("utf-8")),
     }
     # deterministic: map entries in key order, so the same record is always the same bytes
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(
+        deterministic=True
+    )
 
 
 def shard_of(sha256: str, num_shards: int) -> int:

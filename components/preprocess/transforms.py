@@ -1,4 +1,5 @@
-"""Composite Beam transforms of the preprocessing stage. No I/O here.
+"""Composite Beam transforms of the preprocessing stage. No I/O of their own: ``ReadAndDecode``
+is handed its reader (the storage edge in the pipeline, a dict in the tests).
 
 Elements are plain dicts (cheap to pickle between workers). An *example* dict has
 ``id, uri, label, split, sha256, image, pixel_mean, pixel_sq_mean``; a *dead letter* has
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
@@ -40,8 +44,8 @@ def decode_record(
 ) -> tuple[bool, dict[str, Any]]:
     """Decodes one record's ``data``: ``(True, example)`` or ``(False, dead letter)``.
 
-    Pure and thread-safe: the pipeline runs it on a pool of threads (Pillow and hashlib
-    release the GIL while they work), the composite below runs it one record at a time.
+    Pure and thread-safe: :class:`ReadAndDecode` runs it on a pool of threads (Pillow and
+    hashlib release the GIL while they work).
     """
     if not record.get("label"):
         return False, dead_letter(record, "DecodeAndValidate", "missing_label", "no label")
@@ -62,50 +66,98 @@ def decode_record(
     }
 
 
-class DecodeCounters:
-    """The decode counters and progress log, kept on the bundle's own thread (Beam's metrics
-    belong to the thread that processes the bundle, not to pool threads)."""
+# Candidates read and decoded per batch: enough to keep every image thread busy, few enough
+# that a batch of full-size originals stays small in memory.
+READ_BATCH = 32
+MAX_DEFAULT_THREADS = 8
 
-    def __init__(self):
+
+def default_image_threads() -> int:
+    """Image threads when ``preprocess.image_threads`` is 0: one per core of this machine, at
+    most :data:`MAX_DEFAULT_THREADS`."""
+    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_THREADS))
+
+
+class _ReadAndDecodeFn(beam.DoFn):
+    """Reads and decodes a batch of candidates on a pool of threads; on every worker.
+
+    File reads, Pillow's decode / resize / encode and hashlib all release the GIL, so the
+    threads keep several cores busy inside one Beam worker (and overlap the latency of gs://
+    reads). Results come back in input order; counters and the progress log stay on the
+    bundle's own thread (Beam's metrics belong to it, not to pool threads).
+    """
+
+    def __init__(self, read: Callable[[str], bytes], size: int, min_size: int, quality: int, threads: int):
+        self._read = read
+        self._args = (size, min_size, quality)
+        self._threads = threads
         self._decoded = beam.metrics.Metrics.counter("DecodeAndValidate", "decoded")
         self._rejected = beam.metrics.Metrics.counter("DecodeAndValidate", "rejected")
         self._seen = 0
+        self._pool: ThreadPoolExecutor | None = None
 
-    def route(self, ok: bool, row: dict[str, Any]):
-        """The output for one :func:`decode_record` result: the example or a dead letter."""
-        self._seen += 1
-        if self._seen % 500 == 0:
-            _LOG.info("DecodeAndValidate: %d images on this worker", self._seen)
-        if ok:
-            self._decoded.inc()
-            return row
-        self._rejected.inc()
-        return beam.pvalue.TaggedOutput(DEAD_LETTER, row)
+    def setup(self):
+        threads = self._threads or default_image_threads()  # resolved where the worker runs
+        if threads > 1:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def process(self, batch: list[Any]):
+        for ok, row in self._pool.map(self._one, batch) if self._pool else map(self._one, batch):
+            self._seen += 1
+            if self._seen % 500 == 0:
+                _LOG.info("DecodeAndValidate: %d images on this worker", self._seen)
+            if ok:
+                self._decoded.inc()
+                yield row
+            else:
+                self._rejected.inc()
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER, row)
+
+    def _one(self, candidate: Any) -> tuple[bool, dict[str, Any]]:
+        """On a pool thread: one candidate's example, or its dead letter."""
+        record = {
+            "id": candidate.id,
+            "uri": candidate.uri,
+            "label": candidate.label,
+            "split": candidate.split,
+        }
+        if candidate.problem:
+            return False, dead_letter(record, "ListImages", candidate.problem, candidate.detail)
+        try:
+            record["data"] = self._read(candidate.uri)
+        except Exception as e:  # any read error (missing, permission denied, ...): this file's
+            # problem, after the client's own retries, not the run's
+            return False, dead_letter(record, "ReadImages", "unreadable", f"{type(e).__name__}: {e}")
+        return decode_record(record, *self._args)
 
 
-class _DecodeAndValidateFn(beam.DoFn):
-    """Decodes one image; on every worker. Bad images go to the dead-letter output."""
+class ReadAndDecode(beam.PTransform):
+    """Candidates (``sources.Candidate``) -> examples, plus a ``dead_letter`` output.
 
-    def __init__(self, size: int, min_size: int, quality: int):
-        self._size, self._min_size, self._quality = size, min_size, quality
-        self._counters = DecodeCounters()
-
-    def process(self, record: dict[str, Any]):
-        yield self._counters.route(*decode_record(record, self._size, self._min_size, self._quality))
-
-
-class DecodeAndValidate(beam.PTransform):
-    """Records with ``data`` bytes -> examples, plus a ``dead_letter`` output.
+    Reads each candidate's bytes with ``read`` (the pipeline passes the storage edge's reader;
+    the transform itself does no I/O of its own) and decodes them with :func:`decode_record`,
+    in batches of :data:`READ_BATCH` on ``threads`` threads per worker (0: one per core).
 
     Returns a ``DoOutputsTuple``: ``result.examples`` and ``result.dead_letter``.
     """
 
-    def __init__(self, size: int, min_size: int, quality: int = 95):
+    def __init__(
+        self, read: Callable[[str], bytes], size: int, min_size: int, quality: int = 95, threads: int = 0
+    ):
         super().__init__()
-        self._fn = _DecodeAndValidateFn(size, min_size, quality)
+        self._fn = _ReadAndDecodeFn(read, size, min_size, quality, threads)
 
-    def expand(self, records):
-        return records | "Decode" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main="examples")
+    def expand(self, candidates):
+        return (
+            candidates
+            | "Batch" >> beam.BatchElements(min_batch_size=READ_BATCH, max_batch_size=READ_BATCH)
+            | "Decode" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main="examples")
+        )
 
 
 class AssignSplits(beam.PTransform):

@@ -19,21 +19,30 @@ a bad configuration) stops the run at once, as does any other failure.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from pipeline import code_version, outputs, storage, utc_now
+from pipeline import code_version, storage, utc_now
 from pipeline.cluster import views
 from pipeline.cluster.client import Cluster, ClusterError
 from pipeline.cluster.jobs import stage_jobs
 from pipeline.cluster.manifests import check, worker_service
 from pipeline.cluster.views import FAILED, PENDING, RUNNING, SUCCEEDED, JobState, describe, job_state
 from pipeline.config import Config
-from pipeline.errors import StageError
-from pipeline.run import NO_REGISTRY, RUN_FILE, STAGES, decide, input_fingerprint, read_record, stage_keys
+from pipeline.run import (
+    NO_REGISTRY,
+    RUN_FILE,
+    STAGES,
+    decide,
+    failed_run,
+    input_fingerprint,
+    mark_done,
+    read_record,
+    stage_keys,
+    write_record,
+)
 
 # Each stage Job and the stages of pipeline.run it runs (the evaluate Job also pushes).
 JOB_STAGES: dict[str, tuple[str, ...]] = {
@@ -145,10 +154,6 @@ def _say(message: str) -> None:
     print(f"[drive] {message}", flush=True)
 
 
-def _write(config: Config, record: dict[str, Any]) -> None:
-    storage.write_text(storage.join(config.run_dir, RUN_FILE), json.dumps(record, indent=2) + "\n")
-
-
 def drive(
     config: Config, cluster: Cluster, if_new_data: bool = False, poll: Poll | None = None
 ) -> dict[str, Any] | None:
@@ -185,7 +190,7 @@ def drive(
     keys = stage_keys(config, fingerprint)
     last = (previous or {}).get("stages", {})
     record = new_record(config, fingerprint, keys, previous)
-    _write(config, record)
+    write_record(config, record)
     earlier_ran = False
     for number, job_stage in enumerate(JOB_STAGES, start=1):
         label = f"{number}/{len(JOB_STAGES)} {job_stage}"
@@ -198,12 +203,12 @@ def drive(
                 _run_stage(config, cluster, record, job_stage, (label, why), key, poll)
             except ClusterError as e:  # the API server failed the driver: say so in run.json too
                 record.update(status="failed", finished=utc_now(), error=f"stage '{job_stage}': {e}")
-                _write(config, record)
+                write_record(config, record)
                 raise
             earlier_ran = True
-        _write(config, record)
+        write_record(config, record)
     record.update(status="ok", finished=utc_now(), seconds=round(time.perf_counter() - clock, 3))
-    _write(config, record)
+    write_record(config, record)
     _summary(config, record)
     return record
 
@@ -254,7 +259,7 @@ def _run_stage(
         record["stages"][stage].update(
             status="running", started=utc_now(), seconds=None, reason=why, job=name
         )
-    _write(config, record)
+    write_record(config, record)
     _say(f"{label}: running ({why}): Job {name}")
     started, restarts = time.perf_counter(), 0
     _start(config, cluster, manifest, key, label)
@@ -268,14 +273,14 @@ def _run_stage(
             _fail(config, record, job_stage, pods, decision.why, started)
         restarts += 1
         record["stages"][job_stage]["restarts"] = restarts
-        _write(config, record)
+        write_record(config, record)
         _say(f"{label}: {decision.why}")
         cluster.delete_job(name)
         cluster.create(manifest)
     seconds = round(time.perf_counter() - started, 3)
     per_container = next((views.container_seconds(p) for p in cluster.job_pods(name) if _succeeded(p)), {})
     for stage in covered:
-        _done(config, record["stages"][stage], stage, per_container.get(stage, seconds))
+        mark_done(config, record["stages"][stage], stage, per_container.get(stage, seconds))
     _say(f"{label}: done in {seconds:.1f} s" + (f" ({restarts} restarts)" if restarts else ""))
 
 
@@ -333,11 +338,6 @@ def _succeeded(pod: Mapping[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") == "Succeeded"
 
 
-def _done(config: Config, entry: dict, stage: str, seconds: float) -> None:
-    facts = _STAGE[stage].finished(config) or {"dir": outputs.stage_dir(config.run_dir, stage)}
-    entry.update(status="ok", seconds=round(seconds, 3), completed=utc_now(), outputs=facts)
-
-
 def _fail(config: Config, record: dict, job_stage: str, pods: list, why: str, started: float) -> NoReturn:
     """Records the failed run (the stage whose container failed, and what it said) and raises
     the StageError that names it. ``started``: when the stage began (``time.perf_counter``)."""
@@ -349,17 +349,12 @@ def _fail(config: Config, record: dict, job_stage: str, pods: list, why: str, st
     for name in covered:
         entry = record["stages"][name]
         if covered.index(name) < covered.index(stage):  # evaluate, when push failed
-            _done(config, entry, name, ran.get(name, 0.0))
+            mark_done(config, entry, name, ran.get(name, 0.0))
         elif name == stage:
             entry.update(status="failed", seconds=round(time.perf_counter() - started, 3), error=error)
         else:
             entry.update(status="pending", reason=f"{stage} failed")
-    kept = [n for n, e in record["stages"].items() if e["status"] in ("ok", "skipped") and e.get("completed")]
-    record.update(status="failed", finished=utc_now(), error=f"stage '{stage}' failed: {error}")
-    record["seconds"] = views.seconds_between(record["started"], record["finished"])
-    _write(config, record)
-    kept_text = f"outputs of {', '.join(kept)} are kept; " if kept else ""
-    raise StageError(f"stage '{stage}' failed: {error}; {kept_text}submit again to resume from {stage}")
+    raise failed_run(config, record, stage, error, None, "submit again")
 
 
 def _summary(config: Config, record: dict[str, Any]) -> None:
