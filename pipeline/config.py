@@ -9,6 +9,7 @@ every stage and saved as ``config.yaml`` beside each stage's outputs.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import re
 import typing
 from dataclasses import dataclass, field
@@ -273,24 +274,42 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
         ConfigError: on unknown keys, wrong types or invalid values, listing all of them.
     """
     tree = dataclasses.asdict(Config())
-    if path:
-        from pipeline import storage
-
-        try:
-            loaded = yaml.safe_load(storage.read_text(path)) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"--config: file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config: {path} must hold a mapping, got {type(loaded).__name__}")
-        _merge(tree, loaded, Config, prefix="")
+    for layer in _read_layers(path, ()) if path else ():
+        _merge(tree, layer, Config, prefix="")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set: expected key=value, got '{item}'")
         _merge(tree, _nest(key.strip(), _parse_value(raw)), Config, prefix="")
     return validate(_build(Config, tree, prefix=""))
+
+
+def _read_layers(path: str, chain: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The mappings of ``path`` and of the files it ``extends``, the base first.
+
+    ``extends: <file>`` (relative to the extending file, or absolute, or gs://) makes a file
+    a set of changes to another: keys it sets win, the rest come from the base.
+    """
+    from pipeline import storage
+
+    try:
+        loaded = yaml.safe_load(storage.read_text(path)) or {}
+    except FileNotFoundError:
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"--config: file not found: {path}{where}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping, got {type(loaded).__name__}")
+    base = loaded.pop("extends", None)
+    if base is None:
+        return [loaded]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"extends: in {path} must be a file name, got {base!r}")
+    base_path = base if storage.is_absolute(base) else storage.join(posixpath.dirname(path) or ".", base)
+    if base_path in (*chain, path):
+        raise ConfigError(f"extends: {' -> '.join((*chain, path, base_path))} is a cycle")
+    return [*_read_layers(base_path, (*chain, path)), loaded]
 
 
 def to_yaml(config: Config) -> str:

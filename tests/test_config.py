@@ -93,3 +93,25 @@ def test_yaml_round_trip_is_identical(tmp_path):
     again = load_config(_write(tmp_path, to_yaml(config)))
     assert again == config
     assert isinstance(again, Config)
+
+
+def test_a_file_can_extend_another_and_override_parts_of_it(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "name: base\ndata: {source: /d}\nmodel: {alpha: 0.35, dropout: 0.3}\ntrain: {seed: 7}\n"
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "run.yaml").write_text("extends: ../base.yaml\nmodel: {dropout: 0.1}\nrun_dir: r\n")
+    config = load_config(str(tmp_path / "sub" / "run.yaml"), ["train.seed=9"])
+    assert (config.name, config.model.alpha, config.model.dropout) == ("base", 0.35, 0.1)
+    assert (config.run_dir, config.train.seed) == ("r", 9)
+    assert "extends" not in to_yaml(config)  # the resolved tree: what a pod or a run records
+
+
+def test_extends_errors_name_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="a.yaml -> .*b.yaml -> .*a.yaml is a cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"file not found: .*missing.yaml \(extended by .*c.yaml\)"):
+        load_config(str(tmp_path / "c.yaml"))
