@@ -66,7 +66,6 @@ def _pipeline_config(run_dir: str, *overrides: str):
     """The whole pipeline on beans: preprocess, train, evaluate, push to a local registry."""
     return _config(
         run_dir,
-        "preprocess.num_workers=2",  # Beam's local runner with two worker processes
         f"registry.uri={os.path.join(run_dir, 'registry')}",
         "registry.promote_to=production",
         *overrides,
@@ -104,7 +103,7 @@ def test_gate_blesses_fine_tuning_and_exports(beans_run):
         assert 0.0 <= metrics[name]["ece"] <= 1.0 and metrics[name]["log_loss"] > 0
 
 
-def test_beans_split_folders_preprocessed_on_two_workers(beans_run):
+def test_beans_split_folders_preprocessed(beans_run):
     run_dir, summary, _ = beans_run
     expected = files_and_labels(BEANS)
     assert len(expected) == 1295
