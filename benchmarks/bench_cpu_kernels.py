@@ -13,7 +13,9 @@ real beans photos times, after ``--skip-steps`` untimed steps:
 
 * ``train``: candidate-phase steps (``model.unfreeze_top`` as configured, ``compile_model``),
   the fine-tuning that dominates a CPU run;
-* ``features``: frozen forward passes (the baseline's feature extraction and evaluation).
+* ``features``: frozen forward passes (the baseline's feature extraction and evaluation);
+* ``single``: forward passes of one image, as a latency figure or a serving request sees
+  them (reported as images/s too; oneDNN is known to be weak at batch size 1).
 
 Reported: images/s of each, and the on/off ratio per round and its median (the machine's
 speed drifts over minutes, so only same-round ratios are compared).
@@ -70,6 +72,13 @@ def child(args: argparse.Namespace) -> None:
     for _ in range(args.steps):
         extract(images)
     features = args.steps * batch / (time.perf_counter() - started)
+    one = images[:1]
+    for _ in range(args.skip_steps):
+        extract(one)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        extract(one)
+    single = args.steps / (time.perf_counter() - started)
 
     model.unfreeze_top(clf, m.backbone, t.unfreeze)
     model.compile_model(clf.model, t.finetune_learning_rate or t.baseline_learning_rate / 10, False)
@@ -78,7 +87,10 @@ def child(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     clf.model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0)
     train = args.steps * batch / (time.perf_counter() - started)
-    print(json.dumps({"train": round(train, 2), "features": round(features, 2)}), flush=True)
+    print(
+        json.dumps({"train": round(train, 2), "features": round(features, 2), "single": round(single, 2)}),
+        flush=True,
+    )
 
 
 def measure(args: argparse.Namespace, setting: str) -> dict[str, float]:
@@ -116,7 +128,7 @@ def main() -> None:
         rounds.append(measured)
         print(f"[bench] round {i + 1}/{args.rounds}: {json.dumps(measured)}", flush=True)
     result: dict = {"benchmark": "cpu_kernels", "rounds": rounds}
-    for what in ("train", "features"):
+    for what in ("train", "features", "single"):
         ratios = [r["on"][what] / r["off"][what] for r in rounds]
         result[what] = {
             "on_images_per_second": statistics.median(r["on"][what] for r in rounds),
