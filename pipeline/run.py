@@ -18,7 +18,6 @@ Runs in one process (a laptop, or one pod); in a cluster, run the stages as sepa
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import hashlib
 import importlib
@@ -116,7 +115,7 @@ STAGES = (
     Stage("evaluate", "components.evaluate.stage", _evaluate_outputs),
     Stage("push", "components.push.stage", lambda c: _summary_outputs(c, "push")),
 )
-_BY_NAME = {s.name: s for s in STAGES}
+STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 
 def input_fingerprint(config: Config) -> str:
@@ -289,7 +288,7 @@ def write_record(config: Config, record: dict[str, Any]) -> None:
 def mark_done(config: Config, entry: dict[str, Any], stage: str, seconds: float, answer: Any = None) -> None:
     """Records a stage that finished: ok, its seconds, and the facts of its outputs (plus
     what the stage's own ``answer`` says that its files do not, for evaluate and push)."""
-    facts = _BY_NAME[stage].finished(config) or {"dir": outputs.stage_dir(config.run_dir, stage)}
+    facts = STAGE_BY_NAME[stage].finished(config) or {"dir": outputs.stage_dir(config.run_dir, stage)}
     if isinstance(answer, dict):
         facts |= {
             k: answer[k] for k in ("blessed", "reason", "pushed", "version") if k in answer and k not in facts
@@ -298,20 +297,16 @@ def mark_done(config: Config, entry: dict[str, Any], stage: str, seconds: float,
 
 
 def failed_run(
-    config: Config, record: dict[str, Any], stage: str, error: str, seconds: float | None, resume: str
+    config: Config, record: dict[str, Any], stage: str, error: str, seconds: float, resume: str
 ) -> StageError:
-    """Records the run as failed at ``stage`` and returns the StageError that names it, the
-    outputs kept and how to resume (``resume``: "re-run", "submit again"). ``seconds``: the
-    run's time, or None to take it from its start and end stamps."""
+    """Records the run as failed at ``stage`` after ``seconds`` and returns the StageError
+    that names it, the outputs kept and how to resume (``resume``: "re-run", "submit again")."""
     kept = [n for n, e in record["stages"].items() if e["status"] in ("ok", "skipped") and e.get("completed")]
-    record.update(status="failed", finished=utc_now(), error=f"stage '{stage}' failed: {error}")
-    if seconds is None:
-        begin, end = (datetime.datetime.fromisoformat(record[k]) for k in ("started", "finished"))
-        seconds = (end - begin).total_seconds()
-    record["seconds"] = round(seconds, 3)
+    error = f"stage '{stage}' failed: {error}"
+    record.update(status="failed", finished=utc_now(), seconds=round(seconds, 3), error=error)
     write_record(config, record)
     kept_text = f"outputs of {', '.join(kept)} are kept; " if kept else ""
-    return StageError(f"stage '{stage}' failed: {error}; {kept_text}{resume} to resume from {stage}")
+    return StageError(f"{error}; {kept_text}{resume} to resume from {stage}")
 
 
 def read_record(run_dir: str) -> dict[str, Any] | None:

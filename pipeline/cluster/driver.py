@@ -34,6 +34,7 @@ from pipeline.config import Config
 from pipeline.run import (
     NO_REGISTRY,
     RUN_FILE,
+    STAGE_BY_NAME,
     STAGES,
     decide,
     failed_run,
@@ -53,7 +54,6 @@ JOB_STAGES: dict[str, tuple[str, ...]] = {
 KEY_ANNOTATION = "finetune/stage-key"  # on the stage Jobs: which inputs they run on
 NO_NEW_DATA = "no new data"
 WAIT, DONE, RESTART, STOP = "wait", "done", "restart", "stop"
-_STAGE = {s.name: s for s in STAGES}
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ def _skip(
     found = {}
     for name in _covered(config, job_stage):
         ok, why = decide(last.get(name), keys[name], earlier_ran, force=False)
-        facts = _STAGE[name].finished(config) if ok else None
+        facts = STAGE_BY_NAME[name].finished(config) if ok else None
         if facts is None:
             return False, why if not ok else "its outputs are gone"
         found[name] = (why, facts)
@@ -354,7 +354,8 @@ def _fail(config: Config, record: dict, job_stage: str, pods: list, why: str, st
             entry.update(status="failed", seconds=round(time.perf_counter() - started, 3), error=error)
         else:
             entry.update(status="pending", reason=f"{stage} failed")
-    raise failed_run(config, record, stage, error, None, "submit again")
+    seconds = views.seconds_between(record["started"], utc_now()) or 0.0
+    raise failed_run(config, record, stage, error, seconds, "submit again")
 
 
 def _summary(config: Config, record: dict[str, Any]) -> None:
