@@ -435,8 +435,7 @@ def tri_state(value: str) -> str:
 
 
 def _validate_train(t: TrainConfig) -> list[str]:
-    problems = []
-    problems += _out_of_range(
+    problems = _out_of_range(
         "train.",
         (
             ("batch_size", t.batch_size, 1, 65_536),

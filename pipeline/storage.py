@@ -141,7 +141,7 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def _write_chunks(uri: str, chunks: Iterable[bytes]) -> None:
+def write_chunks(uri: str, chunks: Iterable[bytes]) -> None:
     """Writes atomically: readers see the old file or the complete new one, never a part."""
     if not _is_local(uri):
         # GCS commits the object on close; leaving the block with an error cancels the
@@ -170,7 +170,7 @@ def _write_chunks(uri: str, chunks: Iterable[bytes]) -> None:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Writes a whole file atomically, creating local parent directories as needed."""
-    _write_chunks(uri, [data])
+    write_chunks(uri, [data])
 
 
 def write_text(uri: str, text: str) -> None:
@@ -270,7 +270,7 @@ def _same_remote(src: str, dst: str) -> bool:
 def copy_file(src: str, dst: str) -> None:
     """Copies one file between local paths and URIs, streaming; the destination appears
     complete or not at all (see :func:`write_bytes`)."""
-    _write_chunks(dst, _iter_chunks(src))
+    write_chunks(dst, _iter_chunks(src))
 
 
 def copy_tree(src_prefix: str, dst_prefix: str) -> int:
@@ -287,7 +287,7 @@ def copy_tree(src_prefix: str, dst_prefix: str) -> int:
         FileSystems.copy([s for s, _ in pairs], [d for _, d in pairs])
     else:
         for src, dst in pairs:
-            _write_chunks(dst, _iter_chunks(src))
+            write_chunks(dst, _iter_chunks(src))
     return len(pairs)
 
 

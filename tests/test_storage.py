@@ -63,7 +63,7 @@ def test_failed_write_leaves_the_old_file(root: str) -> None:
         raise RuntimeError("source broke")
 
     with pytest.raises(RuntimeError):
-        storage._write_chunks(target, chunks())
+        storage.write_chunks(target, chunks())
     assert storage.read_bytes(target) == b"old"
     assert [f.uri for f in storage.list_files(root)] == [target]  # no temporary left behind
 

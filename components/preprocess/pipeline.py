@@ -131,7 +131,7 @@ def _write_shard(shard: tuple[int, Any], directory: str, num_shards: int) -> str
     index, records = shard
     uri = storage.join(directory, schema.shard_name(index, num_shards))
     ordered = sorted(record for record in records if record is not None)
-    storage.write_bytes(uri, b"".join(schema.frame_record(data) for _, data in ordered))
+    storage.write_chunks(uri, (schema.frame_record(data) for _, data in ordered))  # streamed
     return uri
 
 
