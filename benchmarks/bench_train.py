@@ -9,16 +9,20 @@ tens of percent over minutes), ratios being the median of the per-round ratios:
 
 1. Candidate throughput. The candidate phase as the stage runs it (``model.unfreeze_top``,
    ``model.compile_model``, ``fit`` on ``strategy.distribute_datasets_from_function`` of the
-   stage's TFRecord input, with its BackupAndRestore and TensorBoard callbacks; validation
-   left out, as the stage's own timer leaves it out), with the configured augmentation and
-   without it, against a plain ``fit`` of the same model (same trainable layers, same
-   compile) on the numpy images. The target figure is the one without augmentation: the
-   plain fit does none, so only then is the work the same. The seconds of each epoch-end
-   backup are noted too (they are part of the stage's epochs), and the stage's rate is also
-   given without them, to show how much of any gap they make.
+   stage's TFRecord input, with its backup (``phases.Backup``) and TensorBoard callbacks;
+   validation left out, as the stage's own timer leaves it out), with the configured
+   augmentation and without it, against a plain ``fit`` of the same model (same trainable
+   layers, same compile) on the numpy images. The target figure is the one without
+   augmentation: the plain fit does none, so only then is the work the same. The input keeps
+   decoded or encoded images in memory as the stage decides (``stage.image_cache``; decoded
+   for beans); the other choice is measured too (``stage_encoded``: what a dataset over
+   ``train.image_cache_mb`` gets). The seconds of each epoch-end backup are noted (they are
+   part of the stage's epochs), and the stage's rate is also given without them, to show how
+   much of any gap they make.
 2. Input pipeline. The stage's fit fed from TFRecords (``data.image_dataset``, training,
-   repeating; without and with augmentation) against the same fit of the same model fed one
-   fixed in-memory batch (``Dataset.from_tensors(...).repeat()``): the step time the input adds.
+   repeating; as the stage caches, with and without augmentation, and with encoded images)
+   against the same fit of the same model fed one fixed in-memory batch
+   (``Dataset.from_tensors(...).repeat()``): the step time the input adds.
 3. Baseline. Cached features (extract the frozen backbone's features once, as the stage
    does, then fit the head ``--baseline-epochs`` epochs on them) against the frozen
    classifier fitted the same epochs, steps and batch on the images (the backbone runs every
@@ -33,10 +37,11 @@ tens of percent over minutes), ratios being the median of the per-round ratios:
 
 Tracing is kept out of every in-process figure: each model is built once and warmed up with
 a short fit (and one feature pass) first; the stage's variants share one model, which only
-their input tells apart. Candidate rounds fit each variant ``--epochs`` epoch(s) and time
-from the end of step ``--skip-steps`` (past the iterator's start-up) to the end of the last
-epoch, so the epoch-end backups count as they do in the stage; the variants' order rotates
-from round to round. Baseline rounds then time the two baseline variants back to back.
+their input tells apart. Candidate rounds fit each variant ``--epochs`` epochs (default 3:
+the phase runs several, and its first epoch fills the input's cache) and time from the end of
+step ``--skip-steps`` (past the iterator's start-up) to the end of the last epoch, so the
+epoch-end backups count as they do in the stage (each fit's but the last); the variants'
+order rotates from round to round. Baseline rounds then time the two baseline variants back to back.
 
 Usage: python benchmarks/bench_train.py --beans ../shared/datasets/beans \\
     --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
@@ -71,7 +76,7 @@ import tf_keras  # noqa: E402
 from common import write_result  # noqa: E402
 
 from components.preprocess import stage as preprocess_stage  # noqa: E402
-from components.train import data, distribute, model, phases  # noqa: E402
+from components.train import data, distribute, model, phases, stage  # noqa: E402
 from pipeline.config import Config, load_config, to_yaml  # noqa: E402
 
 STARTED = time.perf_counter()
@@ -108,15 +113,19 @@ class StepClock(tf_keras.callbacks.Callback):
         return (self.steps - self.skip) * batch / seconds
 
 
-class TimedBackup(tf_keras.callbacks.BackupAndRestore):
-    """The stage's BackupAndRestore callback, also noting how long each epoch-end backup takes
-    (in ``seconds``, and in ``clock`` when inside its timed window)."""
+class TimedBackup(phases.Backup):
+    """The stage's backup callback, also noting how long each epoch-end backup takes (in
+    ``seconds``, and in ``clock`` when inside its timed window)."""
 
-    def __init__(self, backup_dir: str, save_freq: Any, seconds: list[float], clock: StepClock) -> None:
-        super().__init__(backup_dir, save_freq=save_freq)
+    def __init__(
+        self, backup_dir: str, save_freq: Any, epochs: int, seconds: list[float], clock: StepClock
+    ) -> None:
+        super().__init__(backup_dir, save_freq, epochs)
         self.seconds, self.clock = seconds, clock
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if epoch >= self._last_epoch:  # no backup (phases.Backup): nothing to time
+            return
         started = time.perf_counter()
         super().on_epoch_end(epoch, logs)
         self.seconds.append(time.perf_counter() - started)
@@ -136,6 +145,8 @@ class Bench:
         self.size = cfg.model.image_size
         self.batch = cfg.train.batch_size
         self.files = data.record_files(self.prep, "train")
+        # As the stage: decoded images in memory when they fit train.image_cache_mb.
+        self.cache_decoded, self.cache_mib = stage.image_cache(cfg, stage.read_inputs(cfg), 1)
         self.steps = steps
         self.skip = skip
         self.placement = distribute.create_strategy(distribute.Cluster())
@@ -174,8 +185,11 @@ class Bench:
                 model.compile_model(clf.model, t.baseline_learning_rate, self.jit)
         return clf
 
-    def records_fn(self, augment: bool) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-        """The candidate phase's ``train_fn`` (components/train/stage.py), augmentation optional."""
+    def records_fn(
+        self, augment: bool, cache_decoded: bool
+    ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+        """The candidate phase's ``train_fn`` (components/train/phases.py), augmentation and
+        the decoded cache chosen."""
         t = self.cfg.train
 
         def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -189,6 +203,7 @@ class Bench:
                 augment=t.augment if augment else None,
                 shuffle_buffer=t.shuffle_buffer,
                 seed=t.seed + ictx.input_pipeline_id,
+                cache_decoded=cache_decoded,
             )
 
         return train_fn
@@ -209,6 +224,7 @@ class Bench:
             TimedBackup(
                 os.path.join(out, "backup"),
                 self.cfg.train.backup_every_steps or "epoch",
+                epochs,
                 self.backup_seconds.setdefault(phase, []),
                 clock,
             ),
@@ -244,8 +260,9 @@ class Bench:
 
 # Candidate-phase variants (measurements 1 and 2): name -> how one fit runs.
 VARIANTS: dict[str, Callable[[Bench, Any, int, int], StepClock]] = {
-    "stage_augment": lambda b, m, e, s: b.stage_fit(m, b.records_fn(True), e, s),
-    "stage": lambda b, m, e, s: b.stage_fit(m, b.records_fn(False), e, s),
+    "stage_augment": lambda b, m, e, s: b.stage_fit(m, b.records_fn(True, b.cache_decoded), e, s),
+    "stage": lambda b, m, e, s: b.stage_fit(m, b.records_fn(False, b.cache_decoded), e, s),
+    "stage_encoded": lambda b, m, e, s: b.stage_fit(m, b.records_fn(False, False), e, s),
     "plain_numpy": lambda b, m, e, s: b.plain_fit(m, e, s),
     "stage_synthetic": lambda b, m, e, s: b.stage_fit(m, b.synthetic_fn, e, s),
 }
@@ -253,7 +270,7 @@ VARIANTS: dict[str, Callable[[Bench, Any, int, int], StepClock]] = {
 
 def extract_features(bench: Bench, extract: Any) -> tuple[np.ndarray, np.ndarray]:
     """The baseline phase's feature pass: each train image once, batches as the stage's."""
-    dataset = data.image_dataset(bench.files, bench.size, max(64, bench.batch))
+    dataset = data.image_dataset(bench.files, bench.size, phases.feature_batch_size(bench.batch))
     return phases.extract_features(extract, dataset)
 
 
@@ -273,7 +290,7 @@ def baseline_round(bench: Bench, extract: Any, head: Any, frozen: Any, epochs: i
     cached_seconds = time.perf_counter() - started
     head_seconds = cached_seconds - feature_seconds
     started = time.perf_counter()
-    bench.stage_fit(frozen, bench.records_fn(False), epochs, bench.steps, "frozen")
+    bench.stage_fit(frozen, bench.records_fn(False, bench.cache_decoded), epochs, bench.steps, "frozen")
     frozen_seconds = time.perf_counter() - started
     return {
         "baseline_cached_seconds": cached_seconds,
@@ -461,7 +478,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7, help="candidate-phase rounds; medians are reported")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs of each candidate-phase fit in a round")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of each candidate-phase fit in a round")
     parser.add_argument("--skip-steps", type=int, default=3, help="untimed first steps of each such fit")
     parser.add_argument(
         "--steps-per-epoch", type=int, default=0, help="0: the whole train split, as the stage"
@@ -527,6 +544,8 @@ def main() -> None:
             "cpu_cores": os.cpu_count(),
             "device": bench.placement.device,
             "xla": bench.jit,
+            "image_cache": "decoded" if bench.cache_decoded else "encoded",
+            "decoded_mib": round(bench.cache_mib, 1),
             "candidate": {
                 "rounds": args.rounds,
                 "epochs_per_fit": args.epochs,
@@ -534,9 +553,11 @@ def main() -> None:
                 "unfrozen": bench.unfrozen,
                 "stage_images_per_second": round(med("stage"), 1),
                 "stage_augment_images_per_second": round(med("stage_augment"), 1),
+                "stage_encoded_images_per_second": round(med("stage_encoded"), 1),
                 "plain_numpy_images_per_second": round(med("plain_numpy"), 1),
                 "stage_vs_plain": ratio(lambda r: r["stage"] / r["plain_numpy"]),
                 "stage_augment_vs_plain": ratio(lambda r: r["stage_augment"] / r["plain_numpy"]),
+                "stage_encoded_vs_plain": ratio(lambda r: r["stage_encoded"] / r["plain_numpy"]),
                 "stage_epoch_seconds": round(bench.steps * bench.batch / med("stage"), 2),
                 "stage_backup_seconds_per_epoch": backup_s("candidate"),
                 "stage_without_backups_vs_plain": ratio(
@@ -546,9 +567,11 @@ def main() -> None:
             "input_pipeline": {
                 "tfrecord_step_ms": step_ms("stage"),
                 "tfrecord_augment_step_ms": step_ms("stage_augment"),
+                "tfrecord_encoded_step_ms": step_ms("stage_encoded"),
                 "synthetic_step_ms": step_ms("stage_synthetic"),
                 "tfrecord_vs_synthetic": ratio(lambda r: r["stage_synthetic"] / r["stage"]),
                 "tfrecord_augment_vs_synthetic": ratio(lambda r: r["stage_synthetic"] / r["stage_augment"]),
+                "tfrecord_encoded_vs_synthetic": ratio(lambda r: r["stage_synthetic"] / r["stage_encoded"]),
             },
             "baseline": {
                 "rounds": args.baseline_rounds,

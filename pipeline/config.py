@@ -125,7 +125,11 @@ class TrainConfig:
     ``auto`` (on with a GPU or TPU, off on CPU), ``true`` or ``false``.
     ``early_stopping_patience`` 0 trains every epoch; N stops after N epochs without a lower
     eval loss and keeps the best weights. ``backup_every_steps`` 0 backs up for preemption at
-    every epoch end, N every N steps.
+    every epoch end, N every N steps (the last epoch's end never: ``fit`` deletes the backup as
+    it returns). ``image_cache_mb`` is the memory each worker may spend keeping its decoded
+    train and eval images after the first epoch (3 bytes a pixel), so later epochs decode
+    nothing; when they need more, or it is 0, only the encoded records are kept and every
+    epoch decodes them again.
     """
 
     batch_size: int = 32
@@ -143,6 +147,7 @@ class TrainConfig:
     early_stopping_patience: int = 0
     backup_every_steps: int = 0
     shuffle_buffer: int = 2048
+    image_cache_mb: int = 1024
 
 
 @dataclass(frozen=True)
@@ -444,6 +449,7 @@ def _validate_train(t: TrainConfig) -> list[str]:
             ("early_stopping_patience", t.early_stopping_patience, 0, 100_000),
             ("backup_every_steps", t.backup_every_steps, 0, 10**9),
             ("shuffle_buffer", t.shuffle_buffer, 1, 10**8),
+            ("image_cache_mb", t.image_cache_mb, 0, 10**8),
         ),
     )
     if not t.baseline_learning_rate > 0:

@@ -78,7 +78,7 @@ def test_one_seed_gives_the_same_augmented_batches_in_every_run(tiny_prepared):
         dataset = data.image_dataset(
             files, TINY_SIZE, 8, training=True, repeat=True, augment=augment, seed=seed
         )
-        return [(x.numpy(), y.numpy()) for x, y in dataset.take(12)]  # past one epoch (53 images)
+        return [(x.numpy(), y.numpy()) for x, y in dataset.take(12)]  # past one epoch (63 images)
 
     first, again, other = batches(5), batches(5), batches(6)
     for (x1, y1), (x2, y2) in zip(first, again, strict=True):
@@ -96,3 +96,37 @@ def test_a_seeded_augmentation_is_a_function_of_its_seed():
     )
     different = data.augment_batch(images, augment, tf.constant([3, 10], tf.int64)).numpy()
     assert not np.array_equal(different, data.augment_batch(images, augment, seed).numpy())
+
+
+def test_decoded_cache_gives_the_same_batches_as_decoding_every_epoch(tiny_prepared):
+    files = data.record_files(os.path.join(tiny_prepared, "preprocess"), "train")
+    augment = AugmentConfig(flip=True, rotation=0.1, crop=0.2)
+
+    def batches(cache_decoded):
+        dataset = data.image_dataset(
+            files,
+            TINY_SIZE,
+            8,
+            training=True,
+            repeat=True,
+            augment=augment,
+            seed=3,
+            cache_decoded=cache_decoded,
+        )
+        return [(x.numpy(), y.numpy()) for x, y in dataset.take(24)]  # three epochs of 63 images
+
+    decoded, encoded = batches(True), batches(False)
+    assert all(x.dtype == np.float32 and x.shape == (8, TINY_SIZE, TINY_SIZE, 3) for x, _ in decoded)
+    for (x1, y1), (x2, y2) in zip(decoded, encoded, strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    # So is evaluation's (no shuffle, the partial last batch kept).
+    in_order = [data.image_dataset(files, TINY_SIZE, 8, cache_decoded=cached) for cached in (True, False)]
+    for (x1, y1), (x2, y2) in zip(*in_order, strict=True):
+        np.testing.assert_array_equal(x1.numpy(), x2.numpy())
+        np.testing.assert_array_equal(y1.numpy(), y2.numpy())
+    assert sum(len(y) for _, y in in_order[0]) == 63
+
+
+def test_decoded_size_is_three_bytes_a_pixel():
+    assert data.decoded_mib(1024, 224) == 147.0

@@ -7,9 +7,10 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tf_keras
 
-from components.train import data, stage
+from components.train import data, phases, stage
 from components.train import model as _registers_custom_layers  # noqa: F401
 from pipeline.errors import StageError
 from tests.train_helpers import TINY_SIZE, copy_prepared, copy_trained, train_config
@@ -42,6 +43,8 @@ def test_trains_both_phases_and_the_cached_baseline_equals_the_assembled_model(t
     assert summary["baseline"]["steps_per_epoch"] == 53 // 8
     assert json.loads(open(os.path.join(out, "summary.json")).read()) == summary
     assert "candidate: fine-tuning from layer block_13_expand" in tiny_training.printed
+    assert summary["image_cache"] == "decoded"  # 67 images of 32 px: far below train.image_cache_mb
+    assert "input: decoded images kept in memory (0 MiB per worker)" in tiny_training.printed
 
     # The baseline's eval metrics were computed by the head on cached features; the saved,
     # assembled model (preprocess -> backbone -> pool -> head) must give the same on images.
@@ -104,3 +107,20 @@ def test_missing_or_mismatched_preprocessing_fails_clearly(tiny_prepared, tmp_pa
     run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
     with pytest.raises(StageError, match="hold 32 px images but model.image_size resolves to 64"):
         stage.read_inputs(train_config(run_dir, "model.image_size=64"))
+
+
+def test_backups_skip_only_the_last_epoch_end_which_fit_would_delete(tmp_path):
+    keras_model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
+    keras_model.compile("sgd", "mse")
+    backup_dir = str(tmp_path / "backup")
+    latest = []
+
+    class Probe(tf_keras.callbacks.Callback):  # after the backup callback, as in the stage
+        def on_epoch_end(self, epoch, logs=None):
+            path = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
+            latest.append(os.path.basename(path) if path else None)
+
+    callbacks = [phases.Backup(backup_dir, "epoch", 3), Probe()]
+    keras_model.fit(np.ones((8, 3)), np.ones((8, 2)), epochs=3, batch_size=4, verbose=0, callbacks=callbacks)
+    assert latest == ["ckpt-1", "ckpt-2", "ckpt-2"]  # epochs 1 and 2 backed up, not the 3rd
+    assert not os.path.exists(os.path.join(backup_dir, "chief"))  # fit deleted it on return

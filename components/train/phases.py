@@ -56,6 +56,7 @@ class Run:
     steps_per_epoch: int
     jit_compile: bool
     policy: str
+    cache_decoded: bool = False  # the candidate's input keeps decoded pixels (data.image_dataset)
 
     def say(self, message: str) -> None:
         """Progress on the console, from the chief only (other workers stay quiet)."""
@@ -151,6 +152,7 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
             augment=t.augment,
             shuffle_buffer=t.shuffle_buffer,
             seed=t.seed + ictx.input_pipeline_id,
+            cache_decoded=ctx.cache_decoded,
         )
 
     def eval_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -160,6 +162,7 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
             ictx.get_per_replica_batch_size(ctx.global_batch),
             shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
             repeat=ctx.cluster.multi_worker,
+            cache_decoded=ctx.cache_decoded,
         )
 
     history, timer = _fit(
@@ -179,9 +182,17 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     return result
 
 
+def feature_batch_size(batch_size: int) -> int:
+    """Images per call of the feature pass: an inference step keeps no activations for a
+    backward pass, so 4x the training batch fits wherever training does, and on a CPU
+    larger batches run the forward pass faster (MobileNetV2 0.35 at 96 px: 0.75 s for 1,024
+    images in batches of 32, 0.52 s in batches of 128)."""
+    return max(64, 4 * batch_size)
+
+
 def _features(ctx: Run, extract: Any, files: list[str], shard: data.Shard) -> tuple[np.ndarray, np.ndarray]:
     """Pooled backbone features and labels of this worker's shard of ``files``, computed once."""
-    batch = max(64, ctx.config.train.batch_size)
+    batch = feature_batch_size(ctx.config.train.batch_size)
     return extract_features(extract, data.image_dataset(files, ctx.inputs.image_size, batch, shard=shard))
 
 
@@ -192,6 +203,21 @@ def extract_features(extract: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray
         parts.append(extract(images))
         labels.append(batch_labels.numpy())
     return np.concatenate(parts), np.concatenate(labels)
+
+
+class Backup(tf_keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` without the backup at the end of the last epoch: ``fit`` deletes
+    the backup as it returns, so writing that one would only cost time (about 0.1 s for
+    MobileNetV2 0.35 on a CPU, a larger share of short epochs). Every worker skips the same
+    epoch, so the collective reads of a save stay in step."""
+
+    def __init__(self, backup_dir: str, save_freq: int | str, epochs: int) -> None:
+        super().__init__(backup_dir, save_freq=save_freq)
+        self._last_epoch = epochs - 1
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if epoch < self._last_epoch:
+            super().on_epoch_end(epoch, logs)
 
 
 class _Timer(tf_keras.callbacks.Callback):
@@ -243,7 +269,7 @@ def _fit(
         ctx.say(f"{phase}: resuming from the backup in {backup_dir}")
     timer = _Timer()
     callbacks = [
-        tf_keras.callbacks.BackupAndRestore(backup_dir, save_freq=t.backup_every_steps or "epoch"),
+        Backup(backup_dir, t.backup_every_steps or "epoch", epochs),
         tf_keras.callbacks.TensorBoard(storage.join(ctx.out, "logs", phase), profile_batch=0),
         timer,
     ]

@@ -65,6 +65,13 @@ def read_inputs(config: Config) -> Inputs:
     )
 
 
+def image_cache(config: Config, inputs: Inputs, num_workers: int) -> tuple[bool, float]:
+    """Whether each worker keeps its decoded train and eval images in memory (within
+    ``train.image_cache_mb``), and the MiB they take."""
+    mib = data.decoded_mib(-(-(inputs.num_train + inputs.num_eval) // num_workers), inputs.image_size)
+    return mib <= config.train.image_cache_mb, mib
+
+
 def run(config: Config) -> dict[str, Any]:
     """Trains the baseline and the candidate; returns the summary (on every worker)."""
     started = time.perf_counter()
@@ -75,6 +82,7 @@ def run(config: Config) -> dict[str, Any]:
     policy = distribute.precision_policy(config, placement.device)
     tf_keras.mixed_precision.set_global_policy(policy)
     global_batch = config.train.batch_size * placement.replicas
+    cache_decoded, cache_mib = image_cache(config, inputs, cluster.num_workers)
     ctx = Run(
         config=config,
         cluster=cluster,
@@ -85,6 +93,7 @@ def run(config: Config) -> dict[str, Any]:
         steps_per_epoch=max(1, inputs.num_train // global_batch),
         jit_compile=distribute.use_xla(config, placement.device),
         policy=policy,
+        cache_decoded=cache_decoded,
     )
     if cluster.is_chief:
         _prepare_output(ctx)
@@ -93,6 +102,12 @@ def run(config: Config) -> dict[str, Any]:
         f"{placement.name} ({cluster.describe()}, {placement.replicas} replica(s) on {placement.device}); "
         f"{inputs.num_train} train / {inputs.num_eval} eval images, {len(inputs.classes)} classes; "
         f"global batch {global_batch}, {ctx.steps_per_epoch} steps per epoch; {policy}, XLA {ctx.jit_compile}"
+    )
+    ctx.say(
+        f"input: decoded images kept in memory ({cache_mib:.0f} MiB per worker)"
+        if ctx.cache_decoded
+        else f"input: encoded images kept in memory and decoded every epoch (decoded they would take "
+        f"{cache_mib:.0f} MiB per worker, over train.image_cache_mb={config.train.image_cache_mb})"
     )
     tf_keras.utils.set_random_seed(config.train.seed)
     with placement.strategy.scope():
@@ -122,6 +137,7 @@ def run(config: Config) -> dict[str, Any]:
         "global_batch_size": global_batch,
         "precision_policy": policy,
         "xla": ctx.jit_compile,
+        "image_cache": "decoded" if ctx.cache_decoded else "encoded",
         "baseline": baseline,
         "candidate": candidate,
         "seconds": round(time.perf_counter() - started, 2),
