@@ -5,6 +5,7 @@ import io
 
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
@@ -20,14 +21,17 @@ def _jpeg(seed: int, size=(48, 48)) -> bytes:
     return out.getvalue()
 
 
-def test_read_and_decode_routes_bad_candidates_with_reasons_on_threads():
+@pytest.mark.parametrize("threads, more", [(2, 40), (2, 3), (1, 40)])
+def test_read_and_decode_routes_bad_candidates_with_reasons_on_threads(threads, more):
+    # 47 candidates: two batches (on threads, the first is emitted when the second is handed
+    # over, the last at the end of the bundle); 10: one batch, emitted at the end.
     files = {
         "a.jpg": _jpeg(1),
         "b.jpg": b"",
         "c.jpg": _jpeg(2),
         "d.jpg": b"not an image",
         "e.jpg": _jpeg(3, (10, 10)),
-        **{f"ok{i}.jpg": _jpeg(10 + i) for i in range(40)},  # more than one batch
+        **{f"ok{i}.jpg": _jpeg(10 + i) for i in range(more)},
     }
     candidates = [
         Candidate("a.jpg", "cat", id=0),
@@ -37,13 +41,13 @@ def test_read_and_decode_routes_bad_candidates_with_reasons_on_threads():
         Candidate("e.jpg", "dog", id=4),
         Candidate("gone.jpg", "dog", id=5),  # the reader raises: unreadable
         Candidate("x.csv#7", "", problem="bad_manifest_row", detail="no uri", id=6),
-        *(Candidate(f"ok{i}.jpg", "cat", id=7 + i) for i in range(40)),
+        *(Candidate(f"ok{i}.jpg", "cat", id=7 + i) for i in range(more)),
     ]
     with TestPipeline() as p:
         result = (
             p
             | beam.Create(candidates)
-            | transforms.ReadAndDecode(files.__getitem__, size=32, min_size=16, threads=2)
+            | transforms.ReadAndDecode(files.__getitem__, size=32, min_size=16, threads=threads)
         )
         assert_that(
             result.examples
@@ -51,7 +55,7 @@ def test_read_and_decode_routes_bad_candidates_with_reasons_on_threads():
             equal_to(
                 [
                     (uri, "cat", hashlib.sha256(files[uri]).hexdigest(), 3)
-                    for uri in ["a.jpg", *(f"ok{i}.jpg" for i in range(40))]
+                    for uri in ["a.jpg", *(f"ok{i}.jpg" for i in range(more))]
                 ]
             ),
             label="examples",

@@ -49,7 +49,6 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
         p
         | "ListImages" >> beam.io.ReadFromText(plan.candidates_uri)
         | "ParseCandidates" >> beam.Map(Candidate.from_json)
-        | "Distribute" >> beam.Reshuffle()
         | "ReadImages"
         >> transforms.ReadAndDecode(
             storage.read_bytes, plan.image_size, plan.min_image_size, plan.jpeg_quality, plan.image_threads

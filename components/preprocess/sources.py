@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from pipeline import storage
 from pipeline.errors import ConfigError
@@ -59,7 +59,7 @@ class Candidate:
 
     def to_json(self) -> str:
         """One JSON line, the format the pipeline reads candidates in."""
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.__dict__, sort_keys=True)  # the fields (asdict copies them deeply)
 
     @staticmethod
     def from_json(line: str) -> Candidate:

@@ -13,10 +13,11 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.utils.windowed_value import WindowedValue
 
 from components.preprocess import images
 from components.preprocess.splits import assign_split
@@ -83,8 +84,11 @@ class _ReadAndDecodeFn(beam.DoFn):
 
     File reads, Pillow's decode / resize / encode and hashlib all release the GIL, so the
     threads keep several cores busy inside one Beam worker (and overlap the latency of gs://
-    reads). Results come back in input order; counters and the progress log stay on the
-    bundle's own thread (Beam's metrics belong to it, not to pool threads).
+    reads). With a pool, a batch's results are emitted when the next batch has been handed
+    to the threads (the last one's at the end of the bundle), so the threads never wait
+    while this thread passes results downstream. Results come back in input order; counters
+    and the progress log stay on the bundle's own thread (Beam's metrics belong to it, not
+    to pool threads).
     """
 
     def __init__(self, read: Callable[[str], bytes], size: int, min_size: int, quality: int, threads: int):
@@ -95,6 +99,7 @@ class _ReadAndDecodeFn(beam.DoFn):
         self._rejected = beam.metrics.Metrics.counter("DecodeAndValidate", "rejected")
         self._seen = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[list[Future], Any, Any]] = []  # submitted: futures, timestamp, window
 
     def setup(self):
         threads = self._threads or default_image_threads()  # resolved where the worker runs
@@ -106,8 +111,32 @@ class _ReadAndDecodeFn(beam.DoFn):
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def process(self, batch: list[Any]):
-        for ok, row in self._pool.map(self._one, batch) if self._pool else map(self._one, batch):
+    def start_bundle(self):
+        self._pending = []
+
+    def process(self, batch: list[Any], timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        if self._pool is None:  # one thread: decode right here
+            yield from self._outputs(map(self._one, batch))
+            return
+        self._pending.append(([self._pool.submit(self._one, c) for c in batch], timestamp, window))
+        if len(self._pending) > 1:
+            futures, _, _ = self._pending.pop(0)
+            yield from self._outputs(f.result() for f in futures)
+
+    def finish_bundle(self):
+        # Outside process() an output carries its own timestamp and window.
+        for futures, timestamp, window in self._pending:
+            for output in self._outputs(f.result() for f in futures):
+                if isinstance(output, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(
+                        output.tag, WindowedValue(output.value, timestamp, [window])
+                    )
+                else:
+                    yield WindowedValue(output, timestamp, [window])
+        self._pending = []
+
+    def _outputs(self, results):
+        for ok, row in results:
             self._seen += 1
             if self._seen % 500 == 0:
                 _LOG.info("DecodeAndValidate: %d images on this worker", self._seen)
@@ -142,6 +171,8 @@ class ReadAndDecode(beam.PTransform):
     Reads each candidate's bytes with ``read`` (the pipeline passes the storage edge's reader;
     the transform itself does no I/O of its own) and decodes them with :func:`decode_record`,
     in batches of :data:`READ_BATCH` on ``threads`` threads per worker (0: one per core).
+    The batches are redistributed first (a listing is read as one bundle; this spreads the
+    work over every worker), as batches: one shuffled element per 32 candidates.
 
     Returns a ``DoOutputsTuple``: ``result.examples`` and ``result.dead_letter``.
     """
@@ -156,6 +187,7 @@ class ReadAndDecode(beam.PTransform):
         return (
             candidates
             | "Batch" >> beam.BatchElements(min_batch_size=READ_BATCH, max_batch_size=READ_BATCH)
+            | "Distribute" >> beam.Reshuffle()
             | "Decode" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main="examples")
         )
 
