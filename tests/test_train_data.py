@@ -130,3 +130,12 @@ def test_decoded_cache_gives_the_same_batches_as_decoding_every_epoch(tiny_prepa
 
 def test_decoded_size_is_three_bytes_a_pixel():
     assert data.decoded_mib(1024, 224) == 147.0
+
+
+def test_one_pass_datasets_are_not_autotuned_and_training_ones_are(tiny_prepared):
+    files = data.record_files(os.path.join(tiny_prepared, "preprocess"), "train")
+    one_pass = data.image_dataset(files, TINY_SIZE, 8)
+    assert one_pass.options().autotune.enabled is False
+    assert sum(len(y) for _, y in one_pass) == 63  # still every record, once
+    for kwargs in ({"training": True, "repeat": True}, {"repeat": True}):
+        assert data.image_dataset(files, TINY_SIZE, 8, **kwargs).options().autotune.enabled is not False
