@@ -8,6 +8,7 @@ All file access goes through Beam's own I/O (``ReadFromText``, ``WriteToTFRecord
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,15 +62,12 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
     deduped = examples | "Deduplicate" >> transforms.Deduplicate()
     vocabulary = _analyse(deduped.examples, plan.transform_fn_dir)
     dropped = beam.pvalue.AsList(deduped.duplicate | "DroppedIds" >> beam.Map(lambda d: d["id"]))
-    labelled = examples | "ApplyVocabulary" >> beam.ParDo(
-        _ApplyVocabularyFn(), dropped, vocabulary
-    ).with_outputs(transforms.DEAD_LETTER, *SPLITS)
-    records = _write_records(labelled, plan)
+    written = _write_records(examples, plan, dropped, vocabulary)
     dead_letters = (
         decoded[transforms.DEAD_LETTER],
-        labelled[transforms.DEAD_LETTER],
+        written[transforms.DEAD_LETTER],
     ) | "FlattenDeadLetters" >> beam.Flatten()
-    _write_reports(records, dead_letters, deduped.duplicate, plan.output_dir)
+    _write_reports(written.records, dead_letters, deduped.duplicate, plan.output_dir)
 
 
 def _analyse(kept, transform_fn_dir: str) -> beam.pvalue.AsSideInput:
@@ -89,8 +87,14 @@ def _analyse(kept, transform_fn_dir: str) -> beam.pvalue.AsSideInput:
     return beam.pvalue.AsSingleton(saved_model_dir | "ReadVocabulary" >> beam.Map(analysis.read_vocabulary))
 
 
-def _write_records(labelled, plan: Plan):
-    """Writes each split's TFRecord shards; returns ``(split, label)`` per written record.
+def _write_records(examples, plan: Plan, dropped, vocabulary):
+    """Writes each split's TFRecord shards. Returns a ``DoOutputsTuple``: ``records``
+    (``(("record", split, label), count)`` per shard and class) and ``dead_letter``.
+
+    The examples, image bytes and all, cross one shuffle only: grouped by (split, shard)
+    as they come from decoding, and given their class ids in the writer, once the
+    vocabulary and the dropped duplicates are known (side inputs). Encoded images are tens
+    of KB, and moving them between stages is most of Beam's cost per image.
 
     Deterministic: a record's shard comes from its content hash and each shard is written in
     hash order, so the same images always give byte-identical files on any runner (and the
@@ -98,50 +102,81 @@ def _write_records(labelled, plan: Plan):
     written: raise ``preprocess.num_shards`` to keep shards small (TensorFlow's guidance is
     100-200 MB each).
     """
-    written = []
-    for s in SPLITS:
-        keyed = labelled[s] | f"KeyByShard[{s}]" >> beam.Map(_keyed_record, plan.num_shards)
-        # Every shard is written, an empty file when no record hashes to it (as Beam's own
-        # fixed-shard writes do), so readers always find num_shards files.
-        every_shard = labelled[s].pipeline | f"EveryShard[{s}]" >> beam.Create(
-            [(i, None) for i in range(plan.num_shards)]
+    keyed = examples | "KeyByShard" >> beam.Map(
+        lambda ex: ((ex["split"], schema.shard_of(ex["sha256"], plan.num_shards)), ex)
+    )
+    # Every shard is written, an empty file when no record hashes to it (as Beam's own
+    # fixed-shard writes do), so readers always find num_shards files.
+    every_shard = examples.pipeline | "EveryShard" >> beam.Create(
+        [((s, i), None) for s in SPLITS for i in range(plan.num_shards)]
+    )
+    return (
+        (keyed, every_shard)
+        | "FlattenShards" >> beam.Flatten()
+        | "GroupByShard" >> beam.GroupByKey()
+        | "WriteTFRecords"
+        >> beam.ParDo(_WriteShardFn(plan.output_dir, plan.num_shards), dropped, vocabulary).with_outputs(
+            transforms.DEAD_LETTER, main="records"
         )
-        _ = (
-            (keyed, every_shard)
-            | f"FlattenShards[{s}]" >> beam.Flatten()
-            | f"GroupByShard[{s}]" >> beam.GroupByKey()
-            | f"WriteTFRecords[{s}]"
-            >> beam.Map(_write_shard, storage.join(plan.output_dir, s), plan.num_shards)
-        )
-        written.append(
-            labelled[s] | f"CountRecords[{s}]" >> beam.Map(lambda ex: ("record", ex["split"], ex["label"]))
-        )
-    return written | "FlattenRecords" >> beam.Flatten()
+    )
 
 
-def _keyed_record(example: dict[str, Any], num_shards: int) -> tuple[int, tuple[str, bytes]]:
-    """``(shard, (content hash, serialized tf.Example))`` for one labelled example."""
-    record = schema.encode_example(example["image"], example["label_id"], example["label"], example["uri"])
-    return schema.shard_of(example["sha256"], num_shards), (example["sha256"], record)
+class _WriteShardFn(beam.DoFn):
+    """Writes one shard of one split; on every worker.
 
+    Gives each example its class id from the vocabulary. Skips the copies Deduplicate
+    dropped (here, where the image bytes are). An eval or test image whose label no train
+    image has becomes a dead letter: the model could never predict it. The shard is written
+    in content-hash order, atomically, through the storage edge.
+    """
 
-def _write_shard(shard: tuple[int, Any], directory: str, num_shards: int) -> str:
-    """Writes one shard's records in content-hash order (atomically, through the storage edge)."""
-    index, records = shard
-    uri = storage.join(directory, schema.shard_name(index, num_shards))
-    ordered = sorted(record for record in records if record is not None)
-    storage.write_chunks(uri, (schema.frame_record(data) for _, data in ordered))  # streamed
-    return uri
+    def __init__(self, output_dir: str, num_shards: int):
+        self._output_dir = output_dir
+        self._num_shards = num_shards
+        self._ids: dict[str, int] = {}
+        self._dropped: set[int] = set()
+        self._sources: tuple[Any, Any] = (None, None)
+
+    def process(self, shard: tuple[tuple[str, int], Any], dropped: list[int], vocabulary: list[str]):
+        if self._sources[0] is not dropped or self._sources[1] is not vocabulary:
+            self._dropped = set(dropped)
+            self._ids = {name: i for i, name in enumerate(vocabulary)}
+            self._sources = (dropped, vocabulary)
+        (split, index), examples = shard
+        records, counts = [], Counter()
+        for example in examples:
+            if example is None or example["id"] in self._dropped:
+                continue
+            label_id = self._ids.get(example["label"], analysis.UNKNOWN_LABEL)
+            if label_id == analysis.UNKNOWN_LABEL:
+                yield beam.pvalue.TaggedOutput(
+                    transforms.DEAD_LETTER,
+                    transforms.dead_letter(
+                        example,
+                        "ApplyVocabulary",
+                        "label_not_in_train",
+                        f"label '{example['label']}' appears in {split} but in no train image",
+                    ),
+                )
+                continue
+            record = schema.encode_example(example["image"], label_id, example["label"], example["uri"])
+            records.append((example["sha256"], record))
+            counts[example["label"]] += 1
+        uri = storage.join(self._output_dir, split, schema.shard_name(index, self._num_shards))
+        records.sort()
+        storage.write_chunks(uri, (schema.frame_record(data) for _, data in records))  # streamed
+        for label, count in sorted(counts.items()):
+            yield ("record", split, label), count
 
 
 def _write_reports(records, dead_letters, duplicates, output_dir: str) -> None:
     """dead_letter.jsonl, duplicates.jsonl, and the counts the stage folds into summary.json."""
     _write_jsonl(dead_letters, storage.join(output_dir, "dead_letter.jsonl"), "WriteDeadLetters")
     _write_jsonl(duplicates, storage.join(output_dir, "duplicates.jsonl"), "WriteDuplicates")
-    facts = (
+    facts = (  # (fact, count)
         records,
-        dead_letters | "CountDeadLetters" >> beam.Map(lambda d: ("dead_letter", d["reason"])),
-        duplicates | "CountDuplicates" >> beam.FlatMap(_duplicate_facts),
+        dead_letters | "CountDeadLetters" >> beam.Map(lambda d: (("dead_letter", d["reason"]), 1)),
+        duplicates | "CountDuplicates" >> beam.FlatMap(lambda d: ((fact, 1) for fact in _duplicate_facts(d))),
     )
     leakage = (
         duplicates
@@ -151,46 +186,12 @@ def _write_reports(records, dead_letters, duplicates, output_dir: str) -> None:
     _ = (
         facts
         | "FlattenFacts" >> beam.Flatten()
-        | "CountFacts" >> beam.combiners.Count.PerElement()
+        | "CountFacts" >> beam.CombinePerKey(sum)
         | "CollectFacts" >> beam.combiners.ToList()
         | "Summarize" >> beam.Map(_summarize, leakage=beam.pvalue.AsSingleton(leakage))
         | "WriteCounts"
         >> beam.io.WriteToText(storage.join(output_dir, "counts.json"), shard_name_template="", num_shards=1)
     )
-
-
-class _ApplyVocabularyFn(beam.DoFn):
-    """Routes each example to its split with its class id; on every worker.
-
-    Copies that Deduplicate dropped are skipped here, where the image bytes already are, and
-    a label that no train image has becomes a dead letter: the model could never predict it.
-    """
-
-    def __init__(self):
-        self._ids: dict[str, int] = {}
-        self._dropped: set[int] = set()
-        self._sources: tuple[Any, Any] = (None, None)
-
-    def process(self, example: dict[str, Any], dropped: list[int], vocabulary: list[str]):
-        if self._sources[0] is not dropped or self._sources[1] is not vocabulary:
-            self._dropped = set(dropped)
-            self._ids = {name: i for i, name in enumerate(vocabulary)}
-            self._sources = (dropped, vocabulary)
-        if example["id"] in self._dropped:
-            return
-        label_id = self._ids.get(example["label"], analysis.UNKNOWN_LABEL)
-        if label_id == analysis.UNKNOWN_LABEL:
-            yield beam.pvalue.TaggedOutput(
-                transforms.DEAD_LETTER,
-                transforms.dead_letter(
-                    example,
-                    "ApplyVocabulary",
-                    "label_not_in_train",
-                    f"label '{example['label']}' appears in {example['split']} but in no train image",
-                ),
-            )
-            return
-        yield beam.pvalue.TaggedOutput(example["split"], {**example, "label_id": label_id})
 
 
 def _duplicate_facts(dup: dict[str, Any]):
