@@ -89,7 +89,8 @@ def _analyse(kept, transform_fn_dir: str) -> beam.pvalue.AsSideInput:
 
 def _write_records(examples, plan: Plan, dropped, vocabulary):
     """Writes each split's TFRecord shards. Returns a ``DoOutputsTuple``: ``records``
-    (``(("record", split, label), count)`` per shard and class) and ``dead_letter``.
+    (``(("record", split, label), count)`` per shard and class), ``dead_letter`` and
+    ``written`` (the shards that had images).
 
     The examples, image bytes and all, cross one shuffle only: grouped by (split, shard)
     as they come from decoding, and given their class ids in the writer, once the
@@ -102,23 +103,40 @@ def _write_records(examples, plan: Plan, dropped, vocabulary):
     written: raise ``preprocess.num_shards`` to keep shards small (TensorFlow's guidance is
     100-200 MB each).
     """
-    keyed = examples | "KeyByShard" >> beam.Map(
-        lambda ex: ((ex["split"], schema.shard_of(ex["sha256"], plan.num_shards)), ex)
-    )
-    # Every shard is written, an empty file when no record hashes to it (as Beam's own
-    # fixed-shard writes do), so readers always find num_shards files.
-    every_shard = examples.pipeline | "EveryShard" >> beam.Create(
-        [((s, i), None) for s in SPLITS for i in range(plan.num_shards)]
-    )
-    return (
-        (keyed, every_shard)
-        | "FlattenShards" >> beam.Flatten()
+    written = (
+        examples
+        | "KeyByShard"
+        >> beam.Map(lambda ex: ((ex["split"], schema.shard_of(ex["sha256"], plan.num_shards)), ex))
         | "GroupByShard" >> beam.GroupByKey()
         | "WriteTFRecords"
         >> beam.ParDo(_WriteShardFn(plan.output_dir, plan.num_shards), dropped, vocabulary).with_outputs(
-            transforms.DEAD_LETTER, main="records"
+            transforms.DEAD_LETTER, _WRITTEN, main="records"
         )
     )
+    # Every shard exists, an empty file when no image hashes to it (as Beam's own
+    # fixed-shard writes do), so readers always find num_shards files. Written apart, once
+    # the others are: a Flatten into the grouping above would copy every image once more.
+    _ = (
+        examples.pipeline
+        | "EveryShard" >> beam.Create([(s, i) for s in SPLITS for i in range(plan.num_shards)])
+        | "WriteEmptyShards"
+        >> beam.Map(
+            _write_empty_shard, plan.output_dir, plan.num_shards, beam.pvalue.AsList(written[_WRITTEN])
+        )
+    )
+    return written
+
+
+_WRITTEN = "written"  # the (split, shard) keys WriteTFRecords wrote
+
+
+def _shard_uri(output_dir: str, split: str, index: int, num_shards: int) -> str:
+    return storage.join(output_dir, split, schema.shard_name(index, num_shards))
+
+
+def _write_empty_shard(key: tuple[str, int], output_dir: str, num_shards: int, written: list) -> None:
+    if tuple(key) not in {tuple(k) for k in written}:
+        storage.write_chunks(_shard_uri(output_dir, *key, num_shards), iter(()))
 
 
 class _WriteShardFn(beam.DoFn):
@@ -145,7 +163,7 @@ class _WriteShardFn(beam.DoFn):
         (split, index), examples = shard
         records, counts = [], Counter()
         for example in examples:
-            if example is None or example["id"] in self._dropped:
+            if example["id"] in self._dropped:
                 continue
             label_id = self._ids.get(example["label"], analysis.UNKNOWN_LABEL)
             if label_id == analysis.UNKNOWN_LABEL:
@@ -162,9 +180,10 @@ class _WriteShardFn(beam.DoFn):
             record = schema.encode_example(example["image"], label_id, example["label"], example["uri"])
             records.append((example["sha256"], record))
             counts[example["label"]] += 1
-        uri = storage.join(self._output_dir, split, schema.shard_name(index, self._num_shards))
+        uri = _shard_uri(self._output_dir, split, index, self._num_shards)
         records.sort()
         storage.write_chunks(uri, (schema.frame_record(data) for _, data in records))  # streamed
+        yield beam.pvalue.TaggedOutput(_WRITTEN, (split, index))
         for label, count in sorted(counts.items()):
             yield ("record", split, label), count
 
