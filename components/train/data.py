@@ -55,13 +55,7 @@ class Shard:
 
 
 def decode(serialized: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """One record -> (float32 RGB pixels in 0-255, int64 label)."""
-    image, label = _decode_pixels(serialized, image_size)
-    return tf.cast(image, tf.float32), label
-
-
-def _decode_pixels(serialized: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """One record -> (uint8 RGB pixels, int64 label)."""
+    """One record -> (uint8 RGB pixels, int64 label); batches become float32 in 0-255."""
     features = tf.io.parse_single_example(serialized, schema.RECORD_FEATURE_SPEC)
     image = tf.io.decode_jpeg(features["image"], channels=3)
     return tf.ensure_shape(image, [image_size, image_size, 3]), features["label"]
@@ -117,18 +111,20 @@ def image_dataset(
     )
     if shard.count > 1 and not by_file:
         dataset = dataset.shard(shard.count, shard.index)
+
+    def pixels(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return decode(serialized, image_size)
+
     if cache_decoded:  # 3 bytes a pixel: 150 KB per 224-px image
-        dataset = dataset.map(lambda r: _decode_pixels(r, image_size), num_parallel_calls=AUTOTUNE)
+        dataset = dataset.map(pixels, num_parallel_calls=AUTOTUNE)
     dataset = dataset.cache()  # else the encoded records: ~20 KB per 224-px image
     if training:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
     if repeat:
         dataset = dataset.repeat()
-    if cache_decoded:
-        dataset = dataset.batch(batch_size, drop_remainder=training).map(_to_float)
-    else:
-        dataset = dataset.map(lambda r: decode(r, image_size), num_parallel_calls=AUTOTUNE)
-        dataset = dataset.batch(batch_size, drop_remainder=training)
+    if not cache_decoded:
+        dataset = dataset.map(pixels, num_parallel_calls=AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=training).map(_to_float)
     if augment is not None and (augment.flip or augment.rotation or augment.crop):
         dataset = dataset.enumerate().map(
             lambda i, xy: (augment_batch(xy[0], augment, tf.stack([tf.cast(seed, tf.int64), i])), xy[1]),

@@ -56,7 +56,7 @@ class Run:
     steps_per_epoch: int
     jit_compile: bool
     policy: str
-    cache_decoded: bool = False  # the candidate's input keeps decoded pixels (data.image_dataset)
+    cache_decoded: bool  # the candidate's input keeps decoded pixels (stage.image_cache)
 
     def say(self, message: str) -> None:
         """Progress on the console, from the chief only (other workers stay quiet)."""
