@@ -21,6 +21,7 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -166,6 +167,19 @@ def write_chunks(uri: str, chunks: Iterable[bytes]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def open_for_write(uri: str) -> BinaryIO:
+    """Opens a new file for writing piece by piece; the caller closes it.
+
+    Not atomic: a reader may see a part of the file while it is written. Only for scratch
+    files whose name is handed on once they are closed (a Beam bundle's spill files).
+    Creates local parent directories as needed.
+    """
+    if not _is_local(uri):
+        return FileSystems.create(uri, compression_type=_RAW)
+    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    return open(uri, "wb")
 
 
 def write_bytes(uri: str, data: bytes) -> None:

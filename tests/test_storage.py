@@ -54,6 +54,14 @@ def test_round_trip(root: str) -> None:
     assert storage.read_bytes(join(root, "t.txt")) == b""
 
 
+def test_open_for_write_streams_pieces_into_a_new_file(root: str) -> None:
+    target = join(root, "new", "dir", "spill.bin")
+    with storage.open_for_write(target) as handle:
+        for i in range(3):
+            handle.write(bytes([i]) * 100_000)
+    assert storage.read_bytes(target) == b"".join(bytes([i]) * 100_000 for i in range(3))
+
+
 def test_failed_write_leaves_the_old_file(root: str) -> None:
     target = join(root, "f.bin")
     storage.write_bytes(target, b"old")

@@ -8,6 +8,7 @@ All file access goes through Beam's own I/O (``ReadFromText``, ``WriteToTFRecord
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-from components.preprocess import analysis, schema, transforms
+from components.preprocess import analysis, schema, spill, transforms
 from components.preprocess.sources import Candidate
 from components.preprocess.splits import SPLITS
 from pipeline import storage
@@ -30,6 +31,7 @@ class Plan:
 
     candidates_uri: str
     output_dir: str  # TFRecords, dead letters, duplicates and the pipeline's counts
+    spill_dir: str  # scratch: the decoded images, per bundle and shard, until their shard is written
     transform_fn_dir: str  # where WriteTransformFn writes (TF file system)
     image_size: int
     min_image_size: int
@@ -92,10 +94,12 @@ def _write_records(examples, plan: Plan, dropped, vocabulary):
     (``(("record", split, label), count)`` per shard and class), ``dead_letter`` and
     ``written`` (the shards that had images).
 
-    The examples, image bytes and all, cross one shuffle only: grouped by (split, shard)
-    as they come from decoding, and given their class ids in the writer, once the
-    vocabulary and the dropped duplicates are known (side inputs). Encoded images are tens
-    of KB, and moving them between stages is most of Beam's cost per image.
+    The image bytes never cross a shuffle: as they come from decoding, the examples are
+    appended to spill files (one per bundle, split and shard), and only the files' names are
+    grouped by (split, shard). The writer reads them back and gives the examples their class
+    ids, once the vocabulary and the dropped duplicates are known (side inputs). Encoded
+    images are tens of KB, and moving them between stages through Beam is most of its cost
+    per image (see :mod:`components.preprocess.spill`).
 
     Deterministic: a record's shard comes from its content hash and each shard is written in
     hash order, so the same images always give byte-identical files on any runner (and the
@@ -105,8 +109,7 @@ def _write_records(examples, plan: Plan, dropped, vocabulary):
     """
     written = (
         examples
-        | "KeyByShard"
-        >> beam.Map(lambda ex: ((ex["split"], schema.shard_of(ex["sha256"], plan.num_shards)), ex))
+        | "SpillByShard" >> beam.ParDo(_SpillFn(plan.spill_dir, plan.num_shards))
         | "GroupByShard" >> beam.GroupByKey()
         | "WriteTFRecords"
         >> beam.ParDo(_WriteShardFn(plan.output_dir, plan.num_shards), dropped, vocabulary).with_outputs(
@@ -139,13 +142,51 @@ def _write_empty_shard(key: tuple[str, int], output_dir: str, num_shards: int, w
         storage.write_chunks(_shard_uri(output_dir, *key, num_shards), iter(()))
 
 
+class _SpillFn(beam.DoFn):
+    """Appends each example to its bundle's spill file for the example's (split, shard); at the
+    end of the bundle, closes the files and emits ``((split, shard), uri)`` for each.
+
+    A file's name is only handed on once it is closed, and each bundle attempt writes new
+    files: a failed or retried bundle's files are never read, and go with the scratch space.
+    """
+
+    def __init__(self, spill_dir: str, num_shards: int):
+        self._dir = spill_dir
+        self._num_shards = num_shards
+        self._files: dict[tuple[str, int], tuple[str, Any]] = {}  # key -> (uri, open handle)
+
+    def start_bundle(self):
+        self._close()  # a failed bundle's files, if any
+
+    def process(self, example: dict[str, Any]):
+        key = (example["split"], schema.shard_of(example["sha256"], self._num_shards))
+        if key not in self._files:
+            uri = storage.join(self._dir, f"{uuid.uuid4().hex}-{key[0]}-{key[1]:05d}.spill")
+            self._files[key] = (uri, storage.open_for_write(uri))
+        self._files[key][1].write(spill.pack(example))
+
+    def finish_bundle(self):
+        for key, uri in self._close():
+            yield beam.transforms.window.GlobalWindows.windowed_value((key, uri))
+
+    def teardown(self):
+        self._close()
+
+    def _close(self) -> list[tuple[tuple[str, int], str]]:
+        files, self._files = self._files, {}
+        for _, handle in files.values():
+            handle.close()
+        return [(key, uri) for key, (uri, _) in files.items()]
+
+
 class _WriteShardFn(beam.DoFn):
     """Writes one shard of one split; on every worker.
 
-    Gives each example its class id from the vocabulary. Skips the copies Deduplicate
-    dropped (here, where the image bytes are). An eval or test image whose label no train
-    image has becomes a dead letter: the model could never predict it. The shard is written
-    in content-hash order, atomically, through the storage edge.
+    Reads the shard's examples from its spill files and gives each its class id from the
+    vocabulary. Skips the copies Deduplicate dropped (here, where the image bytes are). An
+    eval or test image whose label no train image has becomes a dead letter: the model could
+    never predict it. The shard is written in content-hash order, atomically, through the
+    storage edge.
     """
 
     def __init__(self, output_dir: str, num_shards: int):
@@ -160,9 +201,9 @@ class _WriteShardFn(beam.DoFn):
             self._dropped = set(dropped)
             self._ids = {name: i for i, name in enumerate(vocabulary)}
             self._sources = (dropped, vocabulary)
-        (split, index), examples = shard
+        (split, index), spill_uris = shard
         records, counts = [], Counter()
-        for example in examples:
+        for example in _read_spills(spill_uris):
             if example["id"] in self._dropped:
                 continue
             label_id = self._ids.get(example["label"], analysis.UNKNOWN_LABEL)
@@ -170,7 +211,7 @@ class _WriteShardFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(
                     transforms.DEAD_LETTER,
                     transforms.dead_letter(
-                        example,
+                        {**example, "split": split},
                         "ApplyVocabulary",
                         "label_not_in_train",
                         f"label '{example['label']}' appears in {split} but in no train image",
@@ -186,6 +227,11 @@ class _WriteShardFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(_WRITTEN, (split, index))
         for label, count in sorted(counts.items()):
             yield ("record", split, label), count
+
+
+def _read_spills(uris):
+    for uri in sorted(uris):
+        yield from spill.unpack(storage.read_bytes(uri))
 
 
 def _write_reports(records, dead_letters, duplicates, output_dir: str) -> None:

@@ -93,6 +93,9 @@ class _Workspace:
             scratch when a local runner writes to gs:// (TF's own GCS client cannot be pointed
             at an emulator, and need not be: the graph is uploaded through the storage edge).
         tft_temp: tf.Transform's temporary directory (shared storage for remote runners).
+        spill_dir: Where the decoded images wait for their shard's writer
+            (``components/preprocess/spill.py``): local scratch for the local runner, shared
+            storage under the staging directory for remote ones.
     """
 
     final: str
@@ -100,6 +103,7 @@ class _Workspace:
     local_tmp: str
     transform_dir: str
     tft_temp: str
+    spill_dir: str
 
     @staticmethod
     def create(config: Config) -> _Workspace:
@@ -113,6 +117,7 @@ class _Workspace:
             local_tmp=local_tmp,
             transform_dir=os.path.join(local_tmp, "graph") if local_graph else staging,
             tft_temp=os.path.join(local_tmp, "tft") if local_runner else storage.join(staging, "tmp", "tft"),
+            spill_dir=os.path.join(local_tmp, "spill") if local_runner else storage.join(staging, "tmp", "spill"),
         )
 
     def cleanup(self) -> None:
@@ -160,6 +165,7 @@ def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> 
     plan = graph.Plan(
         candidates_uri=candidates_uri,
         output_dir=work.staging,
+        spill_dir=work.spill_dir,
         transform_fn_dir=work.transform_dir,
         image_size=size,
         min_image_size=config.preprocess.min_image_size,
