@@ -47,7 +47,7 @@ def unpack(data: bytes) -> Iterator[dict[str, Any]]:
         end = start + meta_len + image_len
         if end > len(data):
             raise ValueError(f"spill data ends inside the entry at byte {offset}")
-        example = dict(zip(FIELDS, json.loads(bytes(view[start : start + meta_len]))))
+        example = dict(zip(FIELDS, json.loads(bytes(view[start : start + meta_len])), strict=True))
         example["image"] = bytes(view[start + meta_len : end])
         yield example
         offset = end

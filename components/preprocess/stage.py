@@ -111,13 +111,14 @@ class _Workspace:
         staging = storage.join(config.run_dir, f".{STAGE}-staging-{uuid.uuid4().hex[:8]}")
         local_tmp = tempfile.mkdtemp(prefix="finetune-preprocess-")
         local_graph = local_runner and storage.is_gcs(config.run_dir)
+        shared_tmp = storage.join(staging, "tmp")  # what every worker of a remote runner reaches
         return _Workspace(
             final=output_dir(config),
             staging=staging,
             local_tmp=local_tmp,
             transform_dir=os.path.join(local_tmp, "graph") if local_graph else staging,
-            tft_temp=os.path.join(local_tmp, "tft") if local_runner else storage.join(staging, "tmp", "tft"),
-            spill_dir=os.path.join(local_tmp, "spill") if local_runner else storage.join(staging, "tmp", "spill"),
+            tft_temp=storage.join(local_tmp if local_runner else shared_tmp, "tft"),
+            spill_dir=storage.join(local_tmp if local_runner else shared_tmp, "spill"),
         )
 
     def cleanup(self) -> None:
