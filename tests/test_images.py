@@ -55,6 +55,19 @@ def test_bad_files_raise_their_reason(fixtures, rel, reason):
     assert error.value.detail
 
 
+@pytest.mark.parametrize("side", [120, 150])  # Pillow warns below twice its limit, raises above
+def test_images_over_pillows_pixel_limit_are_too_large(monkeypatch, side):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (10, 20, 30)).save(out, format="PNG")
+    with pytest.raises(BadImage) as error:
+        process_image(out.getvalue(), size=64)
+    assert error.value.reason == "too_large"
+    assert "limit of" in error.value.detail and "pixels" in error.value.detail
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", side * side)  # at the limit: fine
+    assert process_image(out.getvalue(), size=64).source_size == (side, side)
+
+
 def test_exif_orientation_is_applied():
     pixels = _decode(process_image(rotated_jpeg(), size=64).encoded).astype(int)
     top, bottom = pixels[:16].mean(axis=(0, 1)), pixels[-16:].mean(axis=(0, 1))
