@@ -93,7 +93,7 @@ def process_image(data: bytes, size: int, min_size: int = 1, quality: int = 95) 
         if source_format == "JPEG":
             image.draft("RGB", (size, size))
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
         rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(CORRUPT_IMAGE, f"{source_format} data cannot be decoded: {e}") from None
@@ -133,7 +133,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # resizing copies it anyway
 
 
 def _describe(data: bytes) -> str:
