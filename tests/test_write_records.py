@@ -1,0 +1,119 @@
+"""The preprocessing graph's shard writing: examples reach their TFRecord shards through spill
+files, on local and on gs:// storage (the scratch space of a remote runner)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import apache_beam as beam
+import pytest
+import tensorflow as tf
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from components.preprocess import pipeline as graph
+from components.preprocess import schema
+from components.preprocess.splits import SPLITS
+from pipeline import storage
+from pipeline.storage import join
+
+
+@pytest.fixture(params=["local", pytest.param("gcs", marks=pytest.mark.gcs)])
+def root(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("gcs_prefix")
+
+
+def _example(i: int, split: str, label: str) -> dict:
+    image = f"jpeg-bytes-{i}".encode() * 500
+    return {
+        "id": i,
+        "uri": f"/data/{label}/{i}.jpg",
+        "label": label,
+        "split": split,
+        "sha256": hashlib.sha256(image).hexdigest(),
+        "image": image,
+        "pixel_mean": [1.0, 2.0, 3.0],
+        "pixel_sq_mean": [1.0, 4.0, 9.0],
+    }
+
+
+def _records(uri: str) -> list[bytes]:
+    """The records of a TFRecord file, read by hand (TensorFlow cannot reach the emulator)."""
+    data, out, offset = storage.read_bytes(uri), [], 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        out.append(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4
+    return out
+
+
+def test_examples_reach_their_shards_through_spill_files(root: str) -> None:
+    examples = [_example(i, "train" if i < 30 else "eval", ("cat", "dog")[i % 2]) for i in range(40)]
+    examples.append(_example(40, "eval", "zebra"))  # no train image has this label
+    plan = graph.Plan(
+        candidates_uri="",
+        output_dir=join(root, "out"),
+        spill_dir=join(root, "spill"),
+        transform_fn_dir="",
+        image_size=32,
+        min_image_size=1,
+        jpeg_quality=95,
+        image_threads=1,
+        num_shards=3,
+        split_fractions=(0.8, 0.1, 0.1),
+        source_has_eval=True,
+    )
+    with TestPipeline() as p:
+        written = graph._write_records(
+            p | "Examples" >> beam.Create(examples),
+            plan,
+            beam.pvalue.AsList(p | "Dropped" >> beam.Create([3, 31])),  # Deduplicate's dropped copies
+            beam.pvalue.AsSingleton(p | "Vocabulary" >> beam.Create([["dog", "cat"]])),
+        )
+        assert_that(
+            written.dead_letter | beam.Map(lambda d: (d["uri"], d["split"], d["stage"], d["reason"])),
+            equal_to([("/data/zebra/40.jpg", "eval", "ApplyVocabulary", "label_not_in_train")]),
+            label="DeadLetters",
+        )
+        assert_that(
+            written.records | beam.CombinePerKey(sum),
+            equal_to(
+                [
+                    (("record", "train", "cat"), 15),
+                    (("record", "train", "dog"), 14),  # 3 was dropped
+                    (("record", "eval", "cat"), 5),
+                    (("record", "eval", "dog"), 4),  # 31 was dropped
+                ]
+            ),
+            label="Counts",
+        )
+
+    kept = {ex["sha256"]: ex for ex in examples if ex["id"] not in (3, 31, 40)}
+    seen = []
+    for split in SPLITS:
+        for index in range(3):
+            uri = join(root, "out", split, schema.shard_name(index, 3))
+            assert storage.exists(uri), uri  # every shard, empty ones too (test has no images)
+            records = _records(uri)
+            assert records or split == "test", uri
+            hashes = []
+            for record in records:
+                features = tf.train.Example.FromString(record).features.feature
+                image = features["image"].bytes_list.value[0]
+                ex = kept[hashlib.sha256(image).hexdigest()]
+                assert (ex["split"], schema.shard_of(ex["sha256"], 3)) == (split, index)
+                assert features["label"].int64_list.value[0] == ["dog", "cat"].index(ex["label"])
+                assert features["label_name"].bytes_list.value[0].decode() == ex["label"]
+                assert features["uri"].bytes_list.value[0].decode() == ex["uri"]
+                assert record == schema.encode_example(
+                    image, ["dog", "cat"].index(ex["label"]), ex["label"], ex["uri"]
+                )
+                hashes.append(ex["sha256"])
+            assert hashes == sorted(hashes)  # each shard in content-hash order
+            seen += hashes
+    assert sorted(seen) == sorted(kept)  # every kept example once, nothing else
+    spills = storage.list_files(join(root, "spill"))
+    assert spills and all(f.uri.endswith(".spill") for f in spills)  # the stage removes them
