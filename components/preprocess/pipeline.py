@@ -1,8 +1,9 @@
 """The preprocessing Beam graph: read, decode, split, dedupe, analyse, write.
 
 :func:`build` only wires transforms into a pipeline it is given; the stage module runs it.
-All file access goes through Beam's own I/O (``ReadFromText``, ``WriteToTFRecord``) and
-``pipeline.storage``, so the same graph runs on the local runner, Dataflow, Flink or Spark.
+All file access goes through Beam's own I/O (``ReadFromText``, ``WriteToText``) and
+``pipeline.storage`` (images, spill files, TFRecord shards), so the same graph runs on the
+local runner, Dataflow, Flink or Spark.
 """
 
 from __future__ import annotations
