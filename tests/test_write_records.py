@@ -50,7 +50,9 @@ def _records(uri: str) -> list[bytes]:
     return out
 
 
-def test_examples_reach_their_shards_through_spill_files(root: str) -> None:
+@pytest.mark.parametrize("open_bytes", [graph.SPILL_OPEN_BYTES, 20_000])  # 20 KB: a file per ~3 images
+def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: int, monkeypatch) -> None:
+    monkeypatch.setattr(graph, "SPILL_OPEN_BYTES", open_bytes)
     examples = [_example(i, "train" if i < 30 else "eval", ("cat", "dog")[i % 2]) for i in range(40)]
     examples.append(_example(40, "eval", "zebra"))  # no train image has this label
     plan = graph.Plan(
@@ -117,3 +119,6 @@ def test_examples_reach_their_shards_through_spill_files(root: str) -> None:
     assert sorted(seen) == sorted(kept)  # every kept example once, nothing else
     spills = storage.list_files(join(root, "spill"))
     assert spills and all(f.uri.endswith(".spill") for f in spills)  # the stage removes them
+    keys_written = 2 * 3  # train and eval, 3 shards each: one file each per bundle, unless rotated
+    assert len(spills) == keys_written if open_bytes > 1_000_000 else len(spills) > 2 * keys_written
+    assert all(f.size <= open_bytes + 10_000 for f in spills)

@@ -110,7 +110,7 @@ def _write_records(examples, plan: Plan, dropped, vocabulary):
     """
     written = (
         examples
-        | "SpillByShard" >> beam.ParDo(_SpillFn(plan.spill_dir, plan.num_shards))
+        | "SpillByShard" >> beam.ParDo(_SpillFn(plan.spill_dir, plan.num_shards, SPILL_OPEN_BYTES))
         | "GroupByShard" >> beam.GroupByKey()
         | "WriteTFRecords"
         >> beam.ParDo(_WriteShardFn(plan.output_dir, plan.num_shards), dropped, vocabulary).with_outputs(
@@ -143,18 +143,27 @@ def _write_empty_shard(key: tuple[str, int], output_dir: str, num_shards: int, w
         storage.write_chunks(_shard_uri(output_dir, *key, num_shards), iter(()))
 
 
+# Bytes a bundle writes to its open spill files before it closes them and opens new ones.
+# A gs:// writer holds up to 16 MiB until it uploads, and a bundle may have a file open for
+# each split and shard: this bounds what a worker holds whatever the bundle and shard count.
+SPILL_OPEN_BYTES = 256 * 1024 * 1024
+
+
 class _SpillFn(beam.DoFn):
-    """Appends each example to its bundle's spill file for the example's (split, shard); at the
-    end of the bundle, closes the files and emits ``((split, shard), uri)`` for each.
+    """Appends each example to its bundle's spill file for the example's (split, shard); closes
+    the files at the end of the bundle (or once they hold ``max_open_bytes``) and emits
+    ``((split, shard), uri)`` for each.
 
     A file's name is only handed on once it is closed, and each bundle attempt writes new
     files: a failed or retried bundle's files are never read, and go with the scratch space.
     """
 
-    def __init__(self, spill_dir: str, num_shards: int):
+    def __init__(self, spill_dir: str, num_shards: int, max_open_bytes: int):
         self._dir = spill_dir
         self._num_shards = num_shards
+        self._max_open_bytes = max_open_bytes
         self._files: dict[tuple[str, int], tuple[str, Any]] = {}  # key -> (uri, open handle)
+        self._open_bytes = 0
 
     def start_bundle(self):
         self._close()  # a failed bundle's files, if any
@@ -164,7 +173,11 @@ class _SpillFn(beam.DoFn):
         if key not in self._files:
             uri = storage.join(self._dir, f"{uuid.uuid4().hex}-{key[0]}-{key[1]:05d}.spill")
             self._files[key] = (uri, storage.open_for_write(uri))
-        self._files[key][1].write(spill.pack(example))
+        entry = spill.pack(example)
+        self._files[key][1].write(entry)
+        self._open_bytes += len(entry)
+        if self._open_bytes >= self._max_open_bytes:
+            yield from self._close()
 
     def finish_bundle(self):
         for key, uri in self._close():
@@ -174,7 +187,7 @@ class _SpillFn(beam.DoFn):
         self._close()
 
     def _close(self) -> list[tuple[tuple[str, int], str]]:
-        files, self._files = self._files, {}
+        files, self._files, self._open_bytes = self._files, {}, 0
         for _, handle in files.values():
             handle.close()
         return [(key, uri) for key, (uri, _) in files.items()]
