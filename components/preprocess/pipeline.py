@@ -120,13 +120,14 @@ def _write_records(examples, plan: Plan, dropped, vocabulary):
     # Every shard exists, an empty file when no image hashes to it (as Beam's own
     # fixed-shard writes do), so readers always find num_shards files. Written apart, once
     # the others are: a Flatten into the grouping above would copy every image once more.
+    # The written keys are a dict side input: built once, not once per shard key.
+    written_keys = beam.pvalue.AsDict(
+        written[_WRITTEN] | "WrittenKeys" >> beam.Map(lambda key: (tuple(key), True))
+    )
     _ = (
         examples.pipeline
         | "EveryShard" >> beam.Create([(s, i) for s in SPLITS for i in range(plan.num_shards)])
-        | "WriteEmptyShards"
-        >> beam.Map(
-            _write_empty_shard, plan.output_dir, plan.num_shards, beam.pvalue.AsList(written[_WRITTEN])
-        )
+        | "WriteEmptyShards" >> beam.Map(_write_empty_shard, plan.output_dir, plan.num_shards, written_keys)
     )
     return written
 
@@ -138,8 +139,8 @@ def _shard_uri(output_dir: str, split: str, index: int, num_shards: int) -> str:
     return storage.join(output_dir, split, schema.shard_name(index, num_shards))
 
 
-def _write_empty_shard(key: tuple[str, int], output_dir: str, num_shards: int, written: list) -> None:
-    if tuple(key) not in {tuple(k) for k in written}:
+def _write_empty_shard(key: tuple[str, int], output_dir: str, num_shards: int, written: dict) -> None:
+    if tuple(key) not in written:
         storage.write_chunks(_shard_uri(output_dir, *key, num_shards), iter(()))
 
 
@@ -180,6 +181,8 @@ class _SpillFn(beam.DoFn):
             yield from self._close()
 
     def finish_bundle(self):
+        # A file gathers a bundle's examples whatever their window: this stage is batch-only,
+        # in the global window, like the rest of the graph.
         for key, uri in self._close():
             yield beam.transforms.window.GlobalWindows.windowed_value((key, uri))
 
