@@ -1,6 +1,10 @@
-"""Installable package: `pip install -e .` gives the `finetune` command."""
+"""Installable package: `pip install .` (or the wheel, or the image) gives the `finetune` command."""
+
+from pathlib import Path
 
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
 
 setup(
     name="finetune-pipeline",
@@ -10,6 +14,24 @@ setup(
         "Beam + tf.Transform preprocessing, tf.distribute fine-tuning, a gated export "
         "and a versioned serving registry."
     ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Environment :: Console",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+    keywords="transfer-learning image-classification tensorflow apache-beam kubernetes",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["pipeline", "pipeline.*", "components", "components.*"]),
     package_data={"components.evaluate": ["*.html.j2"]},  # the report's template
