@@ -206,6 +206,10 @@ def test_every_pod_runs_a_finetune_stage_with_the_mounted_configuration():
             expected = ["drive"] if stage == "driver" else [container["name"]]
             assert argv == ["finetune", *expected, "--config", "/etc/finetune/config.yaml"]
             assert container["image"] == config.cluster.image
+            # read-only root: the only writable place in the pod is the scratch emptyDir at /tmp
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert {"name": "scratch", "mountPath": manifests.SCRATCH_DIR} in container["volumeMounts"]
+        assert {"name": "scratch", "emptyDir": {}} in pod["volumes"]
     assert [c["name"] for c in _containers(_pods(config)["evaluate"])] == ["evaluate", "push"]
 
 
@@ -437,3 +441,4 @@ def test_the_dockerfile_matches_the_manifests():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert not {"setup.py", "constraints.txt", "pipeline", "components"} & set(ignored)
     assert "GOOGLE_APPLICATION_CREDENTIALS" not in dockerfile  # credentials come from the cluster
+    assert f"MPLCONFIGDIR={manifests.SCRATCH_DIR}/" in dockerfile  # the root file system is read-only

@@ -59,21 +59,36 @@ def test_the_wheel_carries_every_module_the_template_and_the_metadata(wheel):
     classifiers = metadata.get_all("Classifier")
     assert "Programming Language :: Python :: 3.11" in classifiers
     assert "Topic :: Scientific/Engineering :: Image Recognition" in classifiers
-    assert "finetune = pipeline.cli:main" in zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
+    assert (
+        "finetune = pipeline.cli:main"
+        in zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
+    )
 
 
 def test_the_installed_wheel_runs_the_pipeline_outside_the_checkout(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    install = [str(venv / "bin" / "pip"), "install", "--quiet", "-c", str(ROOT / "constraints.txt"), str(wheel)]
+    install = [
+        str(venv / "bin" / "pip"),
+        "install",
+        "--quiet",
+        "-c",
+        str(ROOT / "constraints.txt"),
+        str(wheel),
+    ]
     subprocess.run(install, check=True, cwd=tmp_path, env=env)
 
     work = tmp_path / "work"  # not the checkout: nothing here but the data
     images = make_colour_images(str(work / "images"), per_class=20)
     probe = "import pipeline, components.preprocess.stage as s; print(pipeline.__file__); print(s.__file__)"
     found = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", probe], cwd=work, env=env, capture_output=True, text=True, check=True
+        [str(venv / "bin" / "python"), "-c", probe],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert all(path.startswith(str(venv / "lib")) for path in found), found
 

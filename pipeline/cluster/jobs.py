@@ -1,8 +1,10 @@
 """The run's Jobs and CronJob (see ``pipeline.cluster.manifests`` for the design).
 
 Every container runs ``finetune <stage> --config /etc/finetune/config.yaml`` (``command``
-plus ``args`` is the whole argv), as the image's non-root user, with the configuration
-mounted read-only and the credentials the configuration names; nothing else.
+plus ``args`` is the whole argv), as the image's non-root user, on a read-only root file
+system, with the configuration mounted read-only, an ``emptyDir`` at ``/tmp`` (scratch space:
+Beam's spill files, Matplotlib's cache; on the node's disk, shared by a pod's containers and
+deleted with the pod) and the credentials the configuration names; nothing else.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pipeline.cluster.manifests import (
     KEY_DIR,
     KEY_FILE,
     RUN_AS_UID,
+    SCRATCH_DIR,
     STAGE_FAILED_EXIT,
     WORKER_PORT,
     Manifest,
@@ -33,13 +36,20 @@ from pipeline.cluster.manifests import (
 from pipeline.config import Config
 
 POD_NAMESPACE = {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
-LOCKED_DOWN = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+LOCKED_DOWN = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 
 def stage_container(config: Config, name: str, args: list[str], **extra: Any) -> Manifest:
     """One ``finetune`` container with the configuration and the credentials mounted."""
     env = list(extra.pop("env", []))
-    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
+    ]
     if config.cluster.credentials_secret:
         env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{KEY_DIR}/{KEY_FILE}"})
         mounts.append({"name": "credentials", "mountPath": KEY_DIR, "readOnly": True})
@@ -68,7 +78,10 @@ def _resources(config: Config, gpus: int = 0) -> Manifest:
 
 def pod_spec(config: Config, account: str, containers: list[Manifest], **extra: Any) -> Manifest:
     """A pod that runs once (``restartPolicy: Never``: the Job decides about retries)."""
-    volumes: list[Manifest] = [{"name": "config", "configMap": {"name": resource_name(config, "config")}}]
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": resource_name(config, "config")}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
     if config.cluster.credentials_secret:
         volumes.append({"name": "credentials", "secret": {"secretName": config.cluster.credentials_secret}})
     spec = {

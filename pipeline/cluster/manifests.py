@@ -43,6 +43,7 @@ Manifest = dict[str, Any]
 
 CONFIG_DIR = "/etc/finetune"
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
+SCRATCH_DIR = "/tmp"  # an emptyDir: the only writable path besides the outputs (root fs read-only)
 KEY_DIR = "/var/secrets/google"
 KEY_FILE = "key.json"
 WORKER_PORT = 2222
