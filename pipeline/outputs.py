@@ -31,3 +31,16 @@ def read_summary(run_dir: str, stage: str) -> dict[str, Any]:
     if summary.get("status") != "ok":
         raise StageError(f"the {stage} stage did not succeed ({path}: status {summary.get('status')})")
     return summary
+
+
+def changed_files(folder: str, expected: dict[str, dict[str, Any]]) -> list[str]:
+    """The files of ``expected`` (relative path -> ``{"bytes": n, ...}``, as a stage recorded
+    them) that are missing under ``folder`` or have another size: one listing, no reads.
+
+    A skip trusts the outputs only when this is empty; the sizes catch a deleted, truncated
+    or replaced shard without downloading it (digests are what resumes key on).
+    """
+    found = {f.uri: f.size for f in storage.list_files(folder)}
+    return sorted(
+        rel for rel, facts in expected.items() if found.get(storage.join(folder, rel)) != facts["bytes"]
+    )

@@ -84,6 +84,9 @@ def _summary_outputs(config: Config, stage: str, *required: str) -> dict[str, An
     folder = outputs.stage_dir(config.run_dir, stage)
     if not all(storage.exists(storage.join(folder, path)) for path in required):
         return None
+    shards = summary.get("shards")
+    if stage == "preprocess" and (shards is None or outputs.changed_files(folder, shards)):
+        return None  # a shard deleted, truncated or replaced since (or not recorded): run it again
     facts = {"dir": folder, "summary": storage.join(folder, "summary.json")}
     keep = ("records", "pushed", "version", "reason")
     return facts | {k: summary[k] for k in keep if k in summary}

@@ -7,6 +7,7 @@ run with fake stages that only write the files the real ones would leave.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from pipeline import run as orchestrator
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, StageError
-from tests.train_helpers import make_colour_images, train_config
+from tests.train_helpers import copy_prepared, make_colour_images, train_config
 
 STAGE_NAMES = ("preprocess", "train", "evaluate", "push")
 
@@ -209,6 +210,11 @@ class FakeStages:
         folder = os.path.join(config.run_dir, name)
         os.makedirs(folder, exist_ok=True)
         result = {"status": "ok"}
+        if name == "preprocess":  # a shard, and its record that a skip checks
+            shard = b"records"
+            _files(folder, {"train/data-00000-of-00001.tfrecord": shard})
+            facts = {"bytes": len(shard), "sha256": hashlib.sha256(shard).hexdigest()}
+            result["shards"] = {"train/data-00000-of-00001.tfrecord": facts}
         if name == "train":
             for phase in ("baseline", "candidate"):
                 _files(folder, {f"{phase}/model.keras": b"weights"})
@@ -426,3 +432,36 @@ def test_real_stages_skip_when_up_to_date_and_resume_after_a_failure(tmp_path, m
         _statuses(_on_disk(run_dir))["preprocess"] == "ok"
         and _mtimes(run_dir)["preprocess"] > before["preprocess"]
     )
+
+
+def test_a_skip_checks_every_shard_preprocessing_recorded(tiny_prepared, tmp_path):
+    run_dir = copy_prepared(tiny_prepared, str(tmp_path / "run"))
+    folder = os.path.join(run_dir, "preprocess")
+    shards = json.loads(open(os.path.join(folder, "summary.json")).read())["shards"]
+    on_disk = {
+        os.path.relpath(os.path.join(root, name), folder)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.endswith(".tfrecord")
+    }
+    assert set(shards) == on_disk and len(on_disk) == 3 * 2  # every split's 2 shards, empty ones too
+    for rel, facts in shards.items():
+        data = open(os.path.join(folder, rel), "rb").read()
+        assert facts == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, rel
+
+    finished = orchestrator.STAGE_BY_NAME["preprocess"].finished
+    config = train_config(run_dir)
+    assert (
+        finished(config)["records"]
+        == json.loads(open(os.path.join(folder, "summary.json")).read())["records"]
+    )
+    shard = os.path.join(folder, "train", "data-00000-of-00002.tfrecord")
+    original = open(shard, "rb").read()
+    with open(shard, "wb") as f:
+        f.write(original[: len(original) // 2])  # truncated: training would see half of it
+    assert finished(config) is None
+    os.remove(shard)
+    assert finished(config) is None
+    with open(shard, "wb") as f:
+        f.write(original)
+    assert finished(config) is not None

@@ -10,10 +10,12 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
+from components.preprocess import stage as preprocess_stage
 from components.train import data, phases, stage
 from components.train import model as _registers_custom_layers  # noqa: F401
+from pipeline.config import load_config
 from pipeline.errors import StageError
-from tests.train_helpers import TINY_SIZE, copy_prepared, copy_trained, train_config
+from tests.train_helpers import TINY_SIZE, copy_prepared, copy_trained, make_colour_images, train_config
 
 
 def _load(path: str):
@@ -30,7 +32,14 @@ def test_trains_both_phases_and_the_cached_baseline_equals_the_assembled_model(t
     # The session's tiny run, trained with train_config(run_dir): read here, never changed.
     run_dir, summary = tiny_training.run_dir, tiny_training.summary
     out = os.path.join(run_dir, "train")
-    assert sorted(os.listdir(out)) == ["baseline", "candidate", "config.yaml", "logs", "summary.json"]
+    assert sorted(os.listdir(out)) == [
+        "baseline",
+        "candidate",
+        "config.yaml",
+        "inputs.json",
+        "logs",
+        "summary.json",
+    ]
     for phase in ("baseline", "candidate"):
         assert sorted(os.listdir(os.path.join(out, phase))) == ["history.json", "model.keras", "result.json"]
         assert os.listdir(os.path.join(out, "logs", phase, "train"))
@@ -99,6 +108,32 @@ def test_an_unfinished_run_resumes_and_a_finished_or_changed_one_starts_over(tin
     os.remove(os.path.join(out, "summary.json"))
     stage.run(train_config(run_dir, "train.baseline_epochs=1"))
     assert "had another configuration; starting over" in capsys.readouterr().out
+
+
+def test_an_unfinished_run_on_tfrecords_preprocessed_again_starts_over(tiny_training, tmp_path, capsys):
+    # Killed in the candidate phase; then new images came and preprocessing ran again. The
+    # baseline on disk was trained on the old records: loading it would let the gate compare
+    # a candidate against a baseline of other data.
+    run_dir = copy_trained(tiny_training.run_dir, str(tmp_path / "run"))
+    out = os.path.join(run_dir, "train")
+    os.remove(os.path.join(out, "summary.json"))
+    os.remove(os.path.join(out, "candidate", "result.json"))
+    images = str(tmp_path / "more_images")
+    make_colour_images(images, per_class=36, seed=1)
+    settings = [f"data.source={images}", f"run_dir={run_dir}", f"model.image_size={TINY_SIZE}"]
+    settings += ["data.split={train: 0.6, eval: 0.2, test: 0.2}", "preprocess.num_workers=1"]
+    preprocess_stage.run(load_config(None, [*settings, "preprocess.num_shards=2"]))
+    capsys.readouterr()
+
+    trained = stage.run(train_config(run_dir))
+    printed = capsys.readouterr().out
+    assert "had other TFRecords (preprocessing ran again since); starting over" in printed
+    assert "baseline: already trained" not in printed
+    first = tiny_training.summary
+    assert trained["records"]["train"] > first["records"]["train"]
+    assert trained["baseline"]["weights_sha256"] != first["baseline"]["weights_sha256"]
+    recorded = json.loads(open(os.path.join(out, "inputs.json")).read())["preprocess_shards_sha256"]
+    assert trained["inputs_sha256"] == recorded != first["inputs_sha256"]
 
 
 def test_missing_or_mismatched_preprocessing_fails_clearly(tiny_prepared, tmp_path):

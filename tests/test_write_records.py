@@ -50,6 +50,23 @@ def _records(uri: str) -> list[bytes]:
     return out
 
 
+def _shards_as_written(output_dir: str, num_shards: int):
+    """A matcher: one ``(("shard", "<split>/<file>", sha256), bytes)`` fact per shard file,
+    every split's, with the size and SHA-256 of the file on disk."""
+
+    def match(facts) -> None:
+        expected = {}
+        for split in SPLITS:
+            for index in range(num_shards):
+                name = f"{split}/{schema.shard_name(index, num_shards)}"
+                data = storage.read_bytes(join(output_dir, name))
+                expected[name] = (hashlib.sha256(data).hexdigest(), len(data))
+        assert {name: (sha, size) for (_, name, sha), size in facts} == expected
+        assert len(facts) == len(expected)  # one fact per shard: summed per key, never twice
+
+    return match
+
+
 @pytest.mark.parametrize("open_bytes", [graph.SPILL_OPEN_BYTES, 20_000])  # 20 KB: a file per ~3 images
 def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: int, monkeypatch) -> None:
     monkeypatch.setattr(graph, "SPILL_OPEN_BYTES", open_bytes)
@@ -69,7 +86,7 @@ def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: 
         source_has_eval=True,
     )
     with TestPipeline() as p:
-        written = graph._write_records(
+        written, empty = graph._write_records(
             p | "Examples" >> beam.Create(examples),
             plan,
             beam.pvalue.AsList(p | "Dropped" >> beam.Create([3, 31])),  # Deduplicate's dropped copies
@@ -80,8 +97,10 @@ def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: 
             equal_to([("/data/zebra/40.jpg", "eval", "ApplyVocabulary", "label_not_in_train")]),
             label="DeadLetters",
         )
+        shard_facts = (written.records, empty) | beam.Flatten() | beam.Filter(lambda f: f[0][0] == "shard")
+        assert_that(shard_facts, _shards_as_written(join(root, "out"), 3), label="ShardDigests")
         assert_that(
-            written.records | beam.CombinePerKey(sum),
+            written.records | beam.Filter(lambda f: f[0][0] == "record") | beam.CombinePerKey(sum),
             equal_to(
                 [
                     (("record", "train", "cat"), 15),

@@ -8,6 +8,7 @@ local runner, Dataflow, Flink or Spark.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections import Counter
@@ -65,12 +66,13 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
     deduped = examples | "Deduplicate" >> transforms.Deduplicate()
     vocabulary = _analyse(deduped.examples, plan.transform_fn_dir)
     dropped = beam.pvalue.AsList(deduped.duplicate | "DroppedIds" >> beam.Map(lambda d: d["id"]))
-    written = _write_records(examples, plan, dropped, vocabulary)
+    written, empty = _write_records(examples, plan, dropped, vocabulary)
     dead_letters = (
         decoded[transforms.DEAD_LETTER],
         written[transforms.DEAD_LETTER],
     ) | "FlattenDeadLetters" >> beam.Flatten()
-    _write_reports(written.records, dead_letters, deduped.duplicate, plan.output_dir)
+    shard_facts = (written.records, empty) | "FlattenShardFacts" >> beam.Flatten()
+    _write_reports(shard_facts, dead_letters, deduped.duplicate, plan.output_dir)
 
 
 def _analyse(kept, transform_fn_dir: str) -> beam.pvalue.AsSideInput:
@@ -92,8 +94,9 @@ def _analyse(kept, transform_fn_dir: str) -> beam.pvalue.AsSideInput:
 
 def _write_records(examples, plan: Plan, dropped, vocabulary):
     """Writes each split's TFRecord shards. Returns a ``DoOutputsTuple``: ``records``
-    (``(("record", split, label), count)`` per shard and class), ``dead_letter`` and
-    ``written`` (the shards that had images).
+    (``(("record", split, label), count)`` per shard and class, and each shard's
+    ``(("shard", name, sha256), bytes)``), ``dead_letter`` and ``written`` (the shards that had
+    images); and the empty shards' ``(("shard", name, sha256), 0)``.
 
     The image bytes never cross a shuffle: as they come from decoding, the examples are
     appended to spill files (one per bundle, split and shard), and only the files' names are
@@ -124,12 +127,13 @@ def _write_records(examples, plan: Plan, dropped, vocabulary):
     written_keys = beam.pvalue.AsDict(
         written[_WRITTEN] | "WrittenKeys" >> beam.Map(lambda key: (tuple(key), True))
     )
-    _ = (
+    empty = (
         examples.pipeline
         | "EveryShard" >> beam.Create([(s, i) for s in SPLITS for i in range(plan.num_shards)])
-        | "WriteEmptyShards" >> beam.Map(_write_empty_shard, plan.output_dir, plan.num_shards, written_keys)
+        | "WriteEmptyShards"
+        >> beam.FlatMap(_write_empty_shard, plan.output_dir, plan.num_shards, written_keys)
     )
-    return written
+    return written, empty
 
 
 _WRITTEN = "written"  # the (split, shard) keys WriteTFRecords wrote
@@ -139,9 +143,11 @@ def _shard_uri(output_dir: str, split: str, index: int, num_shards: int) -> str:
     return storage.join(output_dir, split, schema.shard_name(index, num_shards))
 
 
-def _write_empty_shard(key: tuple[str, int], output_dir: str, num_shards: int, written: dict) -> None:
+def _write_empty_shard(key: tuple[str, int], output_dir: str, num_shards: int, written: dict):
     if tuple(key) not in written:
-        storage.write_chunks(_shard_uri(output_dir, *key, num_shards), iter(()))
+        digest = _Digest()
+        storage.write_chunks(_shard_uri(output_dir, *key, num_shards), digest.through(iter(())))
+        yield digest.fact(*key, num_shards)
 
 
 # Bytes a bundle writes to its open spill files before it closes them and opens new ones.
@@ -240,10 +246,32 @@ class _WriteShardFn(beam.DoFn):
             counts[example["label"]] += 1
         uri = _shard_uri(self._output_dir, split, index, self._num_shards)
         records.sort()
-        storage.write_chunks(uri, (schema.frame_record(data) for _, data in records))  # streamed
+        digest = _Digest()
+        framed = (schema.frame_record(data) for _, data in records)
+        storage.write_chunks(uri, digest.through(framed))  # streamed
         yield beam.pvalue.TaggedOutput(_WRITTEN, (split, index))
+        yield digest.fact(split, index, self._num_shards)
         for label, count in sorted(counts.items()):
             yield ("record", split, label), count
+
+
+class _Digest:
+    """SHA-256 and size of the bytes a shard writer streams, for summary.json's ``shards``:
+    what later stages key their resumes on and ``finetune run`` checks before a skip."""
+
+    def __init__(self):
+        self._sha256, self._bytes = hashlib.sha256(), 0
+
+    def through(self, chunks):
+        for chunk in chunks:
+            self._sha256.update(chunk)
+            self._bytes += len(chunk)
+            yield chunk
+
+    def fact(self, split: str, index: int, num_shards: int) -> tuple[tuple[str, str, str], int]:
+        """``(("shard", "<split>/<file>", sha256), bytes)``: summed per key, so one per shard."""
+        name = f"{split}/{schema.shard_name(index, num_shards)}"
+        return ("shard", name, self._sha256.hexdigest()), self._bytes
 
 
 def _read_spills(uris):
@@ -298,10 +326,13 @@ def _summarize(counted: list, leakage: list) -> str:
     per_class: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
     by_reason: dict[str, int] = {}
     duplicates = {"count": 0, "cross_split": 0, "conflicting_label": 0}
+    shards: dict[str, dict[str, Any]] = {}
     for fact, n in counted:
         if fact[0] == "record":
             records[fact[1]] += n
             per_class[fact[1]][fact[2]] = n
+        elif fact[0] == "shard":
+            shards[fact[1]] = {"bytes": n, "sha256": fact[2]}
         elif fact[0] == "dead_letter":
             by_reason[fact[1]] = n
         else:
@@ -312,6 +343,7 @@ def _summarize(counted: list, leakage: list) -> str:
             "per_class": {s: dict(sorted(c.items())) for s, c in per_class.items()},
             "dead_letter": {"count": sum(by_reason.values()), "by_reason": dict(sorted(by_reason.items()))},
             "duplicates": duplicates,
+            "shards": dict(sorted(shards.items())),
             "leakage": {
                 "count": duplicates["cross_split"],
                 "examples": sorted(

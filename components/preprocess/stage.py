@@ -225,6 +225,7 @@ def _summary(
     problem = _problem(config, summary)
     if problem:
         summary["status"], summary["error"] = "failed", problem
+        summary["shards"] = {}  # a failed run publishes no records
     return summary
 
 

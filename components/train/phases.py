@@ -41,6 +41,9 @@ class Inputs:
     eval_files: list[str]
     num_train: int
     num_eval: int
+    # SHA-256 over the class list, image size and the train and eval shards' recorded digests:
+    # what a resume must match (None: the shards' digests were not recorded; never resume).
+    digest: str | None = None
 
 
 @dataclass(frozen=True)

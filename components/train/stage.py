@@ -11,13 +11,15 @@ backbone, two models under one tf.distribute strategy:
 Writes under ``<run_dir>/train/`` (chief only; other workers write temporary copies and
 remove them): ``config.yaml``; per phase ``model.keras``, ``history.json`` and
 ``result.json`` (written last: the phase is done); ``logs/`` for TensorBoard; ``backup/``
-for preemption (removed when a phase ends); and ``summary.json`` last. A restarted run with
-the same configuration resumes: a finished baseline is loaded, an interrupted phase
-continues from its backup. The test split is never read here.
+for preemption (removed when a phase ends); ``inputs.json`` (the digest of the TFRecords it
+reads); and ``summary.json`` last. A restarted run with the same configuration on the same
+TFRecords resumes: a finished baseline is loaded, an interrupted phase continues from its
+backup. The test split is never read here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -55,6 +57,12 @@ def read_inputs(config: Config) -> Inputs:
             f"set model.image_size={summary['image_size']} or re-run `finetune preprocess`"
         )
     records = summary["records"]
+    shards = summary.get("shards")
+    digest = None
+    if shards is not None:
+        read = {name: facts for name, facts in shards.items() if name.split("/")[0] in ("train", "eval")}
+        material = {"classes": summary["classes"], "image_size": size, "shards": read}
+        digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return Inputs(
         classes=list(summary["classes"]),
         image_size=size,
@@ -62,6 +70,7 @@ def read_inputs(config: Config) -> Inputs:
         eval_files=data.record_files(prep, "eval") if records.get("eval") else [],
         num_train=int(records["train"]),
         num_eval=int(records.get("eval", 0)),
+        digest=digest,
     )
 
 
@@ -129,6 +138,7 @@ def run(config: Config) -> dict[str, Any]:
         "image_size": inputs.image_size,
         "classes": inputs.classes,
         "records": {"train": inputs.num_train, "eval": inputs.num_eval},
+        "inputs_sha256": inputs.digest,
         "strategy": placement.name,
         "device": placement.device,
         "workers": cluster.num_workers,
@@ -157,17 +167,36 @@ def _fmt(metrics: dict[str, float] | None) -> str:
 
 
 def _prepare_output(ctx: Run) -> None:
-    """Chief only, before the first barrier: keeps an unfinished run of the same
-    configuration (to resume it), otherwise starts ``<run_dir>/train`` afresh."""
-    config_path = storage.join(ctx.out, "config.yaml")
+    """Chief only, before the first barrier: keeps an unfinished run of the same configuration
+    on the same TFRecords (to resume it), otherwise starts ``<run_dir>/train`` afresh.
+
+    The resume key is the configuration's text and ``inputs.json``, the digest of the shards
+    it trains on (recorded by preprocessing): a baseline trained on other data is never
+    loaded, whatever the configuration says.
+    """
+    config_path, inputs_path = storage.join(ctx.out, "config.yaml"), storage.join(ctx.out, "inputs.json")
     text = to_yaml(ctx.config)
+    inputs = json.dumps({"preprocess_shards_sha256": ctx.inputs.digest}, indent=2) + "\n"
     if storage.exists(storage.join(ctx.out, "summary.json")):
         ctx.say(f"replacing the finished run in {ctx.out}")
         storage.delete_tree(ctx.out)
     elif storage.exists(config_path):
-        if storage.read_text(config_path) == text:
+        same_config = storage.read_text(config_path) == text
+        same_data = (
+            ctx.inputs.digest is not None
+            and storage.exists(inputs_path)
+            and storage.read_text(inputs_path) == inputs
+        )
+        if same_config and same_data:
             ctx.say(f"resuming the unfinished run in {ctx.out}")
             return
-        ctx.say(f"the unfinished run in {ctx.out} had another configuration; starting over")
+        if not same_config:
+            why = "another configuration"
+        elif ctx.inputs.digest is None:
+            why = "TFRecords whose digests preprocessing did not record"
+        else:
+            why = "other TFRecords (preprocessing ran again since)"
+        ctx.say(f"the unfinished run in {ctx.out} had {why}; starting over")
         storage.delete_tree(ctx.out)
+    storage.write_text(inputs_path, inputs)
     storage.write_text(config_path, text)
