@@ -9,6 +9,8 @@ every stage and saved as ``config.yaml`` beside each stage's outputs.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import posixpath
 import re
 import typing
@@ -312,9 +314,28 @@ def _read_layers(path: str, chain: tuple[str, ...]) -> list[dict[str, Any]]:
     if not isinstance(base, str) or not base:
         raise ConfigError(f"extends: in {path} must be a file name, got {base!r}")
     base_path = base if storage.is_absolute(base) else storage.join(posixpath.dirname(path) or ".", base)
-    if base_path in (*chain, path):
-        raise ConfigError(f"extends: {' -> '.join((*chain, path, base_path))} is a cycle")
+    if _canonical(base_path) in {_canonical(p) for p in (*chain, path)}:
+        raise ConfigError(
+            f"extends: {' -> '.join((*chain, path, base_path))} is a cycle; a file cannot extend itself "
+            "or a file that extends it"
+        )
+    if len(chain) >= MAX_EXTENDS:
+        raise ConfigError(f"extends: {' -> '.join((*chain, path))} is more than {MAX_EXTENDS} files deep")
     return [*_read_layers(base_path, (*chain, path)), loaded]
+
+
+MAX_EXTENDS = 16  # files in one extends chain
+
+
+def _canonical(path: str) -> str:
+    """One spelling per file, for cycle detection: ``a.yaml``, ``./a.yaml`` and a symlink to it
+    are the same local file; a gs:// path loses its ``.`` and ``..`` segments."""
+    from pipeline import storage
+
+    if storage.is_gcs(path):
+        bucket_and_path = path[len("gs://") :]
+        return "gs://" + posixpath.normpath(bucket_and_path)
+    return os.path.realpath(path)
 
 
 def to_yaml(config: Config) -> str:
@@ -364,6 +385,15 @@ def validate(config: Config) -> Config:
         problems.extend(check_options(config.model.backbone, config.model.weights, config.model.alpha))
     if not 0.0 <= config.model.dropout < 1.0:
         problems.append(f"model.dropout: {config.model.dropout} must be in [0, 1)")
+    problems.extend(_non_finite(config))
+    if config.model.image_size > MAX_IMAGE_SIZE:
+        problems.append(
+            f"model.image_size: {config.model.image_size} is above {MAX_IMAGE_SIZE} px (backbones are "
+            "pre-trained at 224-600); use 0 for the backbone's default"
+        )
+    for key, seed in (("train.seed", config.train.seed), ("evaluate.seed", config.evaluate.seed)):
+        if not 0 <= seed <= MAX_SEED:
+            problems.append(f"{key}: {seed} must be between 0 and {MAX_SEED} (NumPy and TensorFlow seeds)")
     problems.extend(_validate_preprocess(config.preprocess))
     problems.extend(_validate_train(config.train))
     problems.extend(_validate_evaluate(config))
@@ -371,6 +401,24 @@ def validate(config: Config) -> Config:
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return config
+
+
+MAX_IMAGE_SIZE = 2048
+MAX_SEED = 2**32 - 1
+
+
+def _non_finite(node: Any, prefix: str = "") -> list[str]:
+    """Every float of the configuration tree that is NaN or infinite: such a value passes most
+    range checks unnoticed (every comparison with NaN is false) and fails late or silently."""
+    if dataclasses.is_dataclass(node):
+        return [
+            p
+            for f in dataclasses.fields(node)
+            for p in _non_finite(getattr(node, f.name), prefix + f.name + ".")
+        ]
+    if isinstance(node, float) and not math.isfinite(node):
+        return [f"{prefix.rstrip('.')}: {node} must be a finite number"]
+    return []
 
 
 def _validate_download(d: DataConfig) -> list[str]:

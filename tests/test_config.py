@@ -56,6 +56,13 @@ def test_overrides_apply_after_the_file_and_parse_yaml_values(tmp_path):
             "train.finetune_schedule=linear",
             "train.finetune_schedule: 'linear' must be one of cosine, constant",
         ),
+        # NaN and infinities pass range checks written as "not below" and fail late or silently
+        ("gate.min_value=.nan", "gate.min_value: nan must be a finite number"),
+        ("train.finetune_learning_rate=.inf", "train.finetune_learning_rate: inf must be a finite number"),
+        ("model.alpha=-.inf", "model.alpha: -inf must be a finite number"),
+        ("train.seed=-1", "train.seed: -1 must be between 0 and 4294967295"),
+        ("evaluate.seed=4294967296", "evaluate.seed: 4294967296 must be between 0 and 4294967295"),
+        ("model.image_size=100000", "model.image_size: 100000 is above 2048 px"),
     ],
 )
 def test_bad_values_fail_before_work_with_the_key_named(tmp_path, override, message):
@@ -112,6 +119,19 @@ def test_extends_errors_name_the_files(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="a.yaml -> .*b.yaml -> .*a.yaml is a cycle"):
         load_config(str(tmp_path / "a.yaml"))
+    # The same file spelt another way is still a cycle, not a RecursionError (exit 2, not 1).
+    (tmp_path / "self.yaml").write_text("extends: ./self.yaml\n")
+    with pytest.raises(ConfigError, match=r"self.yaml -> .*self.yaml is a cycle"):
+        load_config(str(tmp_path / "self.yaml"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.yaml").write_text("extends: ../e.yaml\n")
+    (tmp_path / "e.yaml").write_text(f"extends: {tmp_path / 'sub' / '..' / 'sub' / 'd.yaml'}\n")
+    with pytest.raises(ConfigError, match=r"d.yaml -> .*e.yaml -> .*d.yaml is a cycle"):
+        load_config(str(tmp_path / "sub" / "d.yaml"))
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "f.yaml")
+    (tmp_path / "f.yaml").write_text("extends: link.yaml\n")
+    with pytest.raises(ConfigError, match="is a cycle"):
+        load_config(str(tmp_path / "f.yaml"))
     (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"file not found: .*missing.yaml \(extended by .*c.yaml\)"):
         load_config(str(tmp_path / "c.yaml"))
