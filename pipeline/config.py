@@ -235,6 +235,9 @@ class ClusterConfig:
     retried (for training: how often the driver recreates the whole worker group, which
     resumes from its backup). ``ttl_seconds_after_finished`` removes finished Jobs;
     ``starting_deadline_seconds`` is how late a scheduled run may still start.
+    ``stage_timeout_seconds`` bounds each stage Job (its ``activeDeadlineSeconds``: a pod stuck
+    Pending or a hung stage fails the Job, and the run, instead of holding it and every later
+    scheduled run forever); the driver Job's own deadline follows from it.
     """
 
     image: str = ""
@@ -251,6 +254,7 @@ class ClusterConfig:
     backoff_limit: int = 2
     ttl_seconds_after_finished: int = 86_400
     starting_deadline_seconds: int = 3600
+    stage_timeout_seconds: int = 86_400
 
 
 @dataclass(frozen=True)
@@ -608,6 +612,7 @@ def _validate_cluster(c: ClusterConfig) -> list[str]:
             ("backoff_limit", c.backoff_limit, 0, 100),
             ("ttl_seconds_after_finished", c.ttl_seconds_after_finished, 0, 10**8),
             ("starting_deadline_seconds", c.starting_deadline_seconds, 10, 10**7),
+            ("stage_timeout_seconds", c.stage_timeout_seconds, 60, 10**7),
         ),
     )
     if not _NAME_RE.match(c.namespace):

@@ -248,6 +248,30 @@ def test_the_first_worker_to_fail_comes_first_and_an_eviction_is_reported():
     ]
 
 
+def test_a_pod_stuck_pending_says_why():
+    train_job = jobs.train_job(load_config(CLUSTER_CONFIG))
+    unschedulable = client.V1PodCondition(
+        type="PodScheduled",
+        status="False",
+        reason="Unschedulable",
+        message="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+    )
+    stuck = _pod("beans-train-0-aaaaa", train_job, index="0", phase="Pending", conditions=[unschedulable])
+    waiting = client.V1ContainerState(
+        waiting=client.V1ContainerStateWaiting(reason="ImagePullBackOff", message="Back-off pulling image")
+    )
+    status = client.V1ContainerStatus(
+        name="train", image="i", image_id="", ready=False, restart_count=0, state=waiting
+    )
+    pulling = _pod("beans-train-1-bbbbb", train_job, index="1", phase="Pending", container_statuses=[status])
+    starting = _pod("beans-train-1-ccccc", train_job, index="1", phase="Pending")  # says nothing yet
+    assert views.pod_failures([stuck, pulling, starting]) == [
+        "beans-train-0-aaaaa: still pending: Unschedulable: 0/3 nodes are available: 3 Insufficient "
+        "nvidia.com/gpu.",
+        "beans-train-1-bbbbb: still pending: train ImagePullBackOff: Back-off pulling image",
+    ]
+
+
 # -- finetune logs: which containers, with which prefix ------------------------------------------
 
 

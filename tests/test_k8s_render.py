@@ -213,6 +213,74 @@ def test_every_pod_runs_a_finetune_stage_with_the_mounted_configuration():
     assert [c["name"] for c in _containers(_pods(config)["evaluate"])] == ["evaluate", "push"]
 
 
+# Pod Security Standards, "restricted" (kubernetes.io/docs/concepts/security/pod-security-standards):
+# the volume types it allows, and the capabilities a container may add.
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"
+}  # fmt: skip
+
+
+def _restricted_violations(pod: dict) -> list[str]:
+    """What in ``pod`` the ``restricted`` Pod Security profile would refuse (empty: admitted)."""
+    found = []
+    pod_security = pod.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            found.append(key)
+    for volume in pod.get("volumes", []):
+        if not set(volume) - {"name"} <= RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']}: {sorted(set(volume) - {'name'})}")
+    for c in _containers(pod):
+        security = pod_security | c.get("securityContext", {})
+        if c.get("securityContext", {}).get("privileged"):
+            found.append(f"{c['name']}: privileged")
+        if security.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{c['name']}: allowPrivilegeEscalation must be false")
+        if security.get("runAsNonRoot") is not True or security.get("runAsUser") == 0:
+            found.append(f"{c['name']}: must run as non-root")
+        if security.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{c['name']}: seccompProfile must be RuntimeDefault or Localhost")
+        capabilities = security.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []) or set(capabilities.get("add", [])) - {
+            "NET_BIND_SERVICE"
+        }:
+            found.append(f"{c['name']}: must drop ALL capabilities and add none but NET_BIND_SERVICE")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            found.append(f"{c['name']}: hostPort")
+    return found
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_pod_meets_the_restricted_pod_security_standard(variant):
+    config = _config(*VARIANTS[variant])
+    pods = _pods(config) | {
+        "schedule": jobs.cron_job(config, SCHEDULE)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    }
+    for stage, pod in pods.items():
+        assert _restricted_violations(pod) == [], stage
+    privileged = pods["train"] | {"hostNetwork": True, "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}
+    assert _restricted_violations(privileged) == ["hostNetwork", "volume h: ['hostPath']"]  # the check bites
+
+
+def test_stage_pods_get_an_api_token_only_for_workload_identity():
+    for variant, token in (("cpu", None), ("key-secret", False)):
+        pods = _pods(_config(*VARIANTS[variant]))
+        for stage, pod in pods.items():
+            expected = None if stage == "driver" else token  # the driver calls the API
+            assert pod.get("automountServiceAccountToken") == expected, (variant, stage)
+
+
+def test_every_job_has_a_deadline_and_the_driver_outlasts_its_stages():
+    config = _config("cluster.stage_timeout_seconds=7200", "cluster.backoff_limit=2")
+    for stage, job in jobs.stage_jobs(config).items():
+        assert job["spec"]["activeDeadlineSeconds"] == 7200, stage
+    driver = jobs.driver_job(config)["spec"]["activeDeadlineSeconds"]
+    assert driver == 7200 * (3 + 2) + 3600 == jobs.driver_deadline(config)
+    assert jobs.cron_job(config, SCHEDULE)["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] == driver
+    with pytest.raises(ConfigError, match="cluster.stage_timeout_seconds: 10 must be between 60"):
+        _config("cluster.stage_timeout_seconds=10")
+
+
 def test_job_names_are_the_stage_names():
     documents = {_key(d) for d in _documents(_config()) if d["kind"] in ("Job", "CronJob")}
     assert documents == {

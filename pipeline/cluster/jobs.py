@@ -77,15 +77,21 @@ def _resources(config: Config, gpus: int = 0) -> Manifest:
 
 
 def pod_spec(config: Config, account: str, containers: list[Manifest], **extra: Any) -> Manifest:
-    """A pod that runs once (``restartPolicy: Never``: the Job decides about retries)."""
+    """A pod that runs once (``restartPolicy: Never``: the Job decides about retries).
+
+    Stage pods never call the Kubernetes API, so they get no API token, unless Workload
+    Identity is on: GKE's metadata server exchanges the pod's service-account token for
+    Google credentials, and pods without it cannot reach the bucket."""
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": resource_name(config, "config")}},
         {"name": "scratch", "emptyDir": {}},
     ]
     if config.cluster.credentials_secret:
         volumes.append({"name": "credentials", "secret": {"secretName": config.cluster.credentials_secret}})
-    spec = {
-        "serviceAccountName": resource_name(config, account),
+    spec: Manifest = {"serviceAccountName": resource_name(config, account)}
+    if account == "stage" and not config.cluster.workload_identity:
+        spec["automountServiceAccountToken"] = False
+    spec |= {
         "restartPolicy": "Never",
         "securityContext": {
             "runAsNonRoot": True,
@@ -99,10 +105,14 @@ def pod_spec(config: Config, account: str, containers: list[Manifest], **extra: 
 
 
 def _job(config: Config, stage: str, pod: Manifest, **spec: Any) -> Manifest:
-    """A Job of ``pod`` named after ``stage``; ``spec`` keys override the defaults."""
+    """A Job of ``pod`` named after ``stage``, failed by Kubernetes once it has been active for
+    ``cluster.stage_timeout_seconds`` (``DeadlineExceeded``: the driver stops the run and says
+    so); ``spec`` keys override the defaults."""
     c = config.cluster
     spec = (
-        {"backoffLimit": c.backoff_limit} | spec | {"ttlSecondsAfterFinished": c.ttl_seconds_after_finished}
+        {"backoffLimit": c.backoff_limit, "activeDeadlineSeconds": c.stage_timeout_seconds}
+        | spec
+        | {"ttlSecondsAfterFinished": c.ttl_seconds_after_finished}
     )
     spec["template"] = {"metadata": {"labels": labels(config, stage)}, "spec": pod}
     return {
@@ -190,7 +200,21 @@ def driver_job(config: Config, scheduled: bool = False) -> Manifest:
         _fail_on_exit(STAGE_FAILED_EXIT, BAD_CONFIG_EXIT, container="driver"),
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]
-    return _job(config, "driver", pod_spec(config, "driver", [container]), podFailurePolicy={"rules": rules})
+    pod = pod_spec(config, "driver", [container])
+    return _job(
+        config,
+        "driver",
+        pod,
+        podFailurePolicy={"rules": rules},
+        activeDeadlineSeconds=driver_deadline(config),
+    )
+
+
+def driver_deadline(config: Config) -> int:
+    """The driver Job's ``activeDeadlineSeconds``: every stage Job at its deadline, the worker
+    group recreated ``cluster.backoff_limit`` times, and an hour for the driver's own work."""
+    c = config.cluster
+    return c.stage_timeout_seconds * (len(stage_jobs(config)) + c.backoff_limit) + 3600
 
 
 def cron_job(config: Config, schedule: str) -> Manifest:

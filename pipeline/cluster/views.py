@@ -140,9 +140,9 @@ def failed_stage(pods: Sequence[Obj], stages: Sequence[str]) -> str:
 
 
 def pod_failures(pods: Iterable[Obj]) -> list[str]:
-    """Each failed container (``pod/container exited 1 (Error): <its last log line>``) or
-    failed pod without one (evicted), the earliest first: the first is usually the cause, the
-    rest were stopped because of it."""
+    """Each failed container (``pod/container exited 1 (Error): <its last log line>``), failed
+    pod without one (evicted), or pod still pending and why (unschedulable, image pull), the
+    earliest first: the first is usually the cause, the rest were stopped because of it."""
     found: list[tuple[str, str]] = []
     for pod in pods:
         name, status = pod["metadata"]["name"], pod.get("status") or {}
@@ -156,7 +156,24 @@ def pod_failures(pods: Iterable[Obj]) -> list[str]:
             found.append(
                 ("", f"{name}: {status.get('reason') or 'Failed'}: {status.get('message') or ''}".strip())
             )
+        if status.get("phase") == "Pending" and _pending_reason(status):
+            found.append(("~", f"{name}: still pending: {_pending_reason(status)}"))
     return [line for _, line in sorted(found, key=lambda f: f[0])]
+
+
+def _pending_reason(status: Obj) -> str:
+    """Why a pod has not started: not scheduled (``Unschedulable: 0/3 nodes ...``) or a
+    container waiting (``ImagePullBackOff: ...``); empty when the pod says nothing."""
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return f"{condition.get('reason') or 'not scheduled'}: {condition.get('message') or ''}".strip(
+                ": "
+            )
+    for s in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (s.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+            return f"{s['name']} {waiting['reason']}: {waiting.get('message') or ''}".strip(": ")
+    return ""
 
 
 def _created(obj: Obj) -> str:
