@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.preprocess.analysis import read_vocabulary
 from tests.image_fixtures import RED, make_odd_and_bad
 from tests.preprocess_helpers import PUBLISHED, all_records, out, read_jsonl, run_stage
 
@@ -152,6 +153,54 @@ def test_csv_and_jsonl_manifests(tmp_path):
     )
     assert sum(summary["records"].values()) == 12
     assert summary["dead_letter"]["by_reason"] == {"bad_manifest_row": 1}
+
+
+def test_any_unicode_label_round_trips_and_separator_labels_are_dead_letters(tmp_path):
+    # Class names that are valid but unusual keep their ids; names holding a line separator
+    # (which would split the one-per-line vocabulary and shift every later class id) or a
+    # control character are dead letters at listing time, with their own reason.
+    good = ["café", "α β", "日本", "a,b", "z-w"]
+    bad = ["line\u2028sep", "para\u2029sep", "bell\x07", "new\nline"]
+    images = tmp_path / "images"
+    seed = 500
+    rows = []
+    for label in good + bad:
+        for _ in range(6):
+            seed += 1
+            path = images / f"{seed}.jpg"
+            _jpeg(str(path), seed)
+            rows.append(json.dumps({"uri": f"images/{seed}.jpg", "label": label}))
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
+    folders = tmp_path / "folders"
+    _jpeg(str(folders / "ok" / "1.jpg"), 1)
+    _jpeg(str(folders / "ok" / "2.jpg"), 2)
+    _jpeg(str(folders / "tab\u2028name" / "3.jpg"), 3)  # a folder name holding U+2028
+
+    run_dir = str(tmp_path / "run")
+    summary = run_stage(
+        str(tmp_path / "m.jsonl"),
+        run_dir,
+        "preprocess.max_bad_fraction=0.5",
+        "data.split={train: 1.0, eval: 0.0, test: 0.0}",
+    )
+    assert sorted(summary["classes"]) == sorted(good)
+    assert summary["dead_letter"]["by_reason"] == {"bad_label": 6 * len(bad)}
+    assert read_vocabulary(out(run_dir, "transform_fn")) == summary["classes"]
+    records = all_records(run_dir)["train"]
+    assert len(records) == 6 * len(good)
+    assert all(summary["classes"][r["label"]] == r["label_name"] for r in records)  # ids match names
+    dead = read_jsonl(out(run_dir, "dead_letter.jsonl"))
+    assert {d["reason"] for d in dead} == {"bad_label"} and all(
+        "not allowed in a class name" in d["detail"] for d in dead
+    )
+
+    summary = run_stage(
+        str(folders),
+        str(tmp_path / "run_folders"),
+        "preprocess.max_bad_fraction=0.5",
+        "data.split={train: 1.0, eval: 0.0, test: 0.0}",
+    )
+    assert summary["classes"] == ["ok"] and summary["dead_letter"]["by_reason"] == {"bad_label": 1}
 
 
 def test_reruns_are_idempotent_and_added_images_keep_their_splits(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,9 +29,25 @@ PACKAGES = ("pipeline", "components")
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """``pip wheel --no-deps .``: the wheel ``pip install .`` would build and install."""
-    out = tmp_path_factory.mktemp("wheel")
-    argv = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(ROOT)]
+    """``pip wheel --no-deps .``: the wheel ``pip install .`` would build and install, built
+    from a copy of the files the Dockerfile copies (setuptools leaves a ``build/`` folder in
+    the source tree, whose stale modules a later build would package)."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("setup.py", "README.md", "LICENSE", "constraints.txt"):
+        shutil.copy(ROOT / name, source / name)
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--wheel-dir",
+        str(out),
+        str(source),
+    ]
     subprocess.run(argv, check=True, cwd=out)
     (built,) = out.glob("finetune_pipeline-*.whl")
     return built

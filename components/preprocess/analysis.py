@@ -60,7 +60,7 @@ def read_vocabulary(saved_model_dir: str) -> list[str]:
     workers (as a side input) and in the driver.
     """
     uri = storage.join(saved_model_dir, "assets", LABEL_VOCABULARY)
-    return storage.read_text(uri).splitlines()
+    return [line for line in storage.read_text(uri).split("\n") if line]  # one per line, as TFT writes
 
 
 def image_statistics(transform_output_dir: str) -> dict[str, list[float]] | None:

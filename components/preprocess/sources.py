@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import unicodedata
 from dataclasses import dataclass, replace
 
 from pipeline import storage
@@ -33,6 +34,21 @@ _HEADER_NAMES = {"uri", "path", "image", "file", "filename"}
 # Problems found while listing (the pipeline turns them into dead letters).
 MISSING_LABEL = "missing_label"
 BAD_MANIFEST_ROW = "bad_manifest_row"
+BAD_LABEL = "bad_label"
+MAX_LABEL_CHARS = 200
+
+
+def label_problem(label: str) -> str:
+    """Why ``label`` cannot be a class name (empty: it can). Refused: control, format and
+    line-separator characters (a newline or U+2028 would split the class in the one-per-line
+    vocabulary file and shift every later class id), and names over ``MAX_LABEL_CHARS``."""
+    if len(label) > MAX_LABEL_CHARS:
+        return f"label of {len(label)} characters; at most {MAX_LABEL_CHARS}"
+    for char in label:
+        if unicodedata.category(char)[0] == "C" or unicodedata.category(char) in ("Zl", "Zp"):
+            name = unicodedata.name(char, f"U+{ord(char):04X}")
+            return f"label {label!r} holds {name}, not allowed in a class name"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,9 @@ def _from_path(info: storage.FileInfo, parts: list[str], with_split: bool) -> Ca
             problem=MISSING_LABEL,
             detail=f"file lies directly in the {where}, not in a class folder",
         )
+    problem = label_problem(parts[0])
+    if problem:
+        return Candidate(info.uri, split=split, size=info.size, problem=BAD_LABEL, detail=problem)
     return Candidate(info.uri, label=parts[0], split=split, size=info.size)
 
 
@@ -172,7 +191,7 @@ def _csv_rows(text: str) -> list[tuple[int, dict | str]]:
 
 def _jsonl_rows(text: str) -> list[tuple[int, dict | str]]:
     rows: list[tuple[int, dict | str]] = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 is valid inside JSON
         if not line.strip():
             continue
         try:
@@ -203,4 +222,6 @@ def _manifest_candidate(manifest: str, base: str, line: int, row: dict | str) ->
         )
     if not label:
         return Candidate(uri, split=split, problem=MISSING_LABEL, detail=f"line {line}: empty label")
+    if label_problem(label):
+        return Candidate(uri, split=split, problem=BAD_LABEL, detail=f"line {line}: {label_problem(label)}")
     return Candidate(uri, label=label, split=split)
