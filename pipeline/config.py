@@ -84,9 +84,12 @@ class PreprocessConfig:
 
     ``runner`` and ``pipeline_options`` go to Beam unchanged, so the same pipeline runs on
     Dataflow, Flink or Spark. ``image_threads`` is how many threads read and decode images
-    in each Beam worker (``0``: one per core of the worker's machine, at most 8); they are
+    in each Beam worker (``0``: one per CPU the worker may use, at most 8); they are
     what uses a machine's cores. ``num_workers`` sets the local runner's worker processes
-    (``0``: one, in this process); remote runners ignore it.
+    (``0``: one, in this process); remote runners ignore it. ``max_file_mb`` bounds the bytes
+    read for one input (a larger file is a ``file_too_large`` dead letter, read no further);
+    ``max_decoded_mb`` the memory its decoded pixels may take, from its header before any
+    decoding (a ``too_large`` dead letter: a small PNG can declare a huge 16-bit canvas).
     """
 
     runner: str = "DirectRunner"
@@ -97,6 +100,8 @@ class PreprocessConfig:
     min_image_size: int = 32
     max_bad_fraction: float = 0.1
     jpeg_quality: int = 95
+    max_file_mb: int = 64
+    max_decoded_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -475,6 +480,8 @@ def _validate_preprocess(p: PreprocessConfig) -> list[str]:
             ("num_shards", p.num_shards, 1, 100_000),
             ("min_image_size", p.min_image_size, 1, 100_000),
             ("jpeg_quality", p.jpeg_quality, 1, 100),
+            ("max_file_mb", p.max_file_mb, 1, 100_000),
+            ("max_decoded_mb", p.max_decoded_mb, 1, 100_000),
         ),
     )
     if not 0.0 <= p.max_bad_fraction <= 1.0:

@@ -173,15 +173,17 @@ def _manifest_entries(source: str) -> list[tuple[str, int, str]]:
 
 
 def _local_checksums(paths: Iterable[str]) -> dict[str, tuple[int, str]]:
-    """path -> (size, ``sha256:<hex>``), or (-1, ``missing``); files are read on 8 threads
-    (hashlib releases the GIL), through the storage edge."""
+    """path -> (size, ``sha256:<hex>``), or (-1, ``missing``); files are streamed in chunks
+    (never held whole) on 8 threads (hashlib releases the GIL), through the storage edge."""
 
     def one(path: str) -> tuple[int, str]:
         try:
-            data = storage.read_bytes(path)
+            size, digest = storage.sha256(path)
         except FileNotFoundError:
             return -1, MISSING
-        return len(data), "sha256:" + hashlib.sha256(data).hexdigest()
+        except storage.NotAFile as e:  # a FIFO or a device: a dead letter, never read
+            return -1, e.kind
+        return size, "sha256:" + digest
 
     paths = list(paths)
     with ThreadPoolExecutor(max_workers=8) as pool:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -80,20 +82,30 @@ def _remote_match(directory: str, limit: int | None = None) -> list[FileInfo]:
     return [FileInfo(m.path, m.size_in_bytes) for m in result.metadata_list]
 
 
-def list_files(prefix: str) -> list[FileInfo]:
+def list_files(prefix: str, special: bool = False) -> list[FileInfo]:
     """Lists every file under a local directory or remote prefix, recursively.
+
+    Args:
+        prefix: The directory or prefix.
+        special: Also list, locally, what is neither a regular file nor a folder (FIFOs,
+            devices, sockets, broken symlinks, symlinks to folders, which are not followed),
+            with size -1, so that a caller can account for each (reading one raises
+            :class:`NotAFile` or FileNotFoundError) instead of losing it silently.
 
     Returns:
         The files sorted by URI; an empty list when there are none or ``prefix`` is missing.
     """
     directory = _dir(prefix)
     if _is_local(prefix):
-        files = [
-            FileInfo(path, os.path.getsize(path))
-            for root, _, names in os.walk(directory.rstrip(os.sep) or os.sep)
-            for path in (os.path.join(root, n) for n in names)
-            if os.path.isfile(path)
-        ]
+        files = []
+        for root, dirs, names in os.walk(directory.rstrip(os.sep) or os.sep):
+            for path in (os.path.join(root, n) for n in names):
+                if os.path.isfile(path):
+                    files.append(FileInfo(path, os.path.getsize(path)))
+                elif special:
+                    files.append(FileInfo(path, -1))
+            if special:
+                files += [FileInfo(p, -1) for p in (os.path.join(root, d) for d in dirs) if os.path.islink(p)]
     else:
         files = [f for f in _remote_match(directory) if not f.uri.endswith("/")]
     return sorted(files, key=lambda f: f.uri)
@@ -112,12 +124,33 @@ def exists(uri: str) -> bool:
     return bool(first) and (not first[0].uri.endswith("/") or bool(list_files(uri)))
 
 
-def _iter_chunks(uri: str) -> Iterator[bytes]:
-    """Streams a file's bytes; raises FileNotFoundError naming ``uri`` when it is missing."""
+class NotAFile(ValueError):
+    """A local path names a device, a FIFO or a socket, not a regular file: reading it could
+    block forever (a FIFO with no writer) or never end (``/dev/zero``)."""
+
+    def __init__(self, uri: str, kind: str):
+        super().__init__(f"{uri} is a {kind}, not a regular file")
+        self.uri, self.kind = uri, kind
+
+
+def _special_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    kinds += ((stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory"))
+    return next((kind for test, kind in kinds if test(mode)), "special file")
+
+
+def _iter_chunks(uri: str, size: int = _CHUNK) -> Iterator[bytes]:
+    """Streams a file's bytes; raises FileNotFoundError naming ``uri`` when it is missing and
+    :class:`NotAFile` for a local path that is not a regular file (checked before opening it)."""
+    if _is_local(uri):
+        with contextlib.suppress(FileNotFoundError):  # a missing file is reported below
+            mode = os.stat(uri).st_mode
+            if not stat.S_ISREG(mode):
+                raise NotAFile(uri, _special_kind(mode))
     try:
         handle = open(uri, "rb") if _is_local(uri) else FileSystems.open(uri, compression_type=_RAW)
         with handle:
-            while chunk := handle.read(_CHUNK):
+            while chunk := handle.read(size):
                 yield chunk
     except Exception as exc:
         # GCS opens lazily and fails on the first read with google.api_core's NotFound.
@@ -129,13 +162,42 @@ def _iter_chunks(uri: str) -> Iterator[bytes]:
         raise
 
 
-def read_bytes(uri: str) -> bytes:
-    """Reads a whole file.
+class FileTooLarge(ValueError):
+    """A file holds more than the reader allows (it was not read past the limit)."""
+
+    def __init__(self, uri: str, limit: int):
+        super().__init__(f"{uri} holds more than {limit} bytes")
+        self.uri, self.limit = uri, limit
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """Reads a whole file, or at most ``max_bytes`` of it.
+
+    A bounded read stops as soon as the file proves larger, so an endless file (a FIFO,
+    ``/dev/zero``) or a huge one costs ``max_bytes`` and no more.
 
     Raises:
         FileNotFoundError: ``uri`` does not exist (the message names it).
+        FileTooLarge: ``uri`` holds more than ``max_bytes``.
     """
-    return b"".join(_iter_chunks(uri))
+    if max_bytes is None:
+        return b"".join(_iter_chunks(uri))
+    chunks, total = [], 0
+    for chunk in _iter_chunks(uri, min(_CHUNK, max_bytes + 1)):
+        total += len(chunk)
+        if total > max_bytes:
+            raise FileTooLarge(uri, max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def sha256(uri: str) -> tuple[int, str]:
+    """``(size, hex SHA-256)`` of a file, streamed in chunks (never held whole)."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in _iter_chunks(uri):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def read_text(uri: str) -> str:

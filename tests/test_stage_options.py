@@ -1,8 +1,7 @@
 """How the stage configures Beam: pass-through options and the local worker count."""
 
-import os
-
 from components.preprocess import stage
+from components.preprocess.transforms import available_cpus
 from pipeline.config import load_config
 
 
@@ -16,7 +15,7 @@ def test_one_in_process_worker_by_default_and_threads_share_the_cores():
     assert stage.image_threads(config) == 0  # resolved on the worker: one per core
     three = _config("preprocess.num_workers=3")
     assert stage.local_workers(three) == 3
-    assert stage.image_threads(three) == max(1, (os.cpu_count() or 1) // 3)
+    assert stage.image_threads(three) == max(1, available_cpus() // 3)
     assert stage.image_threads(_config("preprocess.num_workers=3", "preprocess.image_threads=5")) == 5
     remote = _config("preprocess.runner=DataflowRunner", "preprocess.num_workers=3")
     assert stage.image_threads(remote) == 0  # a remote worker counts its own cores

@@ -80,6 +80,8 @@ def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: 
         image_size=32,
         min_image_size=1,
         jpeg_quality=95,
+        max_file_bytes=2**20,
+        max_decoded_bytes=2**26,
         image_threads=1,
         num_shards=3,
         split_fractions=(0.8, 0.1, 0.1),

@@ -51,13 +51,31 @@ class ProcessedImage:
     pixel_sq_mean: tuple[float, float, float]
 
 
-def process_image(data: bytes, size: int, min_size: int = 1, quality: int = 95) -> ProcessedImage:
+# Bytes per pixel of each Pillow mode, for the decoded size known from the header alone.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+DEFAULT_MAX_DECODED_BYTES = 256 * 2**20
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """What decoding ``image`` at its current size and converting it to 8-bit RGB take in
+    memory, from the header alone: pixels times the bytes of a source pixel (channels and bit
+    depth counted) plus 3 for the RGB copy."""
+    width, height = image.size
+    wide = 4 if image.mode in ("I", "F") else 1
+    return width * height * (_MODE_BYTES.get(image.mode, len(image.getbands()) * wide) + 3)
+
+
+def process_image(
+    data: bytes, size: int, min_size: int = 1, quality: int = 95, max_decoded: int = DEFAULT_MAX_DECODED_BYTES
+) -> ProcessedImage:
     """Decodes ``data`` and returns it as a ``size`` x ``size`` RGB JPEG.
 
     JPEG, PNG, BMP and GIF (first frame) are accepted; grayscale, palette, RGBA, CMYK and
     16-bit inputs become 8-bit RGB (transparency is composited on white) and the EXIF
     orientation is applied. Large JPEGs are decoded at a reduced DCT scale that is still at
-    least ``size`` pixels, which is several times faster than a full decode.
+    least ``size`` pixels, which is several times faster than a full decode. An image whose
+    decoded pixels would take more than ``max_decoded`` bytes (from its header, before any
+    decoding; a JPEG at its reduced scale) is refused: a small file can declare a huge canvas.
 
     Raises:
         BadImage: with the reason the image cannot be used.
@@ -89,9 +107,15 @@ def process_image(data: bytes, size: int, min_size: int = 1, quality: int = 95) 
         )
     if min(width, height) < min_size:
         raise BadImage(TOO_SMALL, f"{width}x{height} px is below the minimum of {min_size} px")
+    if source_format == "JPEG":
+        image.draft("RGB", (size, size))  # only sets the decoder's scale: nothing decoded yet
+    if decoded_bytes(image) > max_decoded:
+        raise BadImage(
+            TOO_LARGE,
+            f"{width}x{height} px ({image.mode}) would take {decoded_bytes(image) / 2**20:.0f} MiB decoded, "
+            f"over preprocess.max_decoded_mb ({max_decoded / 2**20:.0f} MiB)",
+        )
     try:
-        if source_format == "JPEG":
-            image.draft("RGB", (size, size))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
         rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
@@ -124,9 +148,12 @@ def _channel_moments(rgb: Image.Image) -> tuple[tuple[float, ...], tuple[float, 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Converts any Pillow mode to 8-bit RGB, compositing transparency on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I") and array.max() > 255 else 255.0
+    if image.mode.startswith("I;16"):  # 16-bit: integer scaling, no float copy of the canvas
+        array = np.asarray(image)
+        image = Image.fromarray((array // 257 if array.max() > 255 else array).astype(np.uint8), "L")
+    elif image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if image.mode == "I" and array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), "L")
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     if has_alpha:

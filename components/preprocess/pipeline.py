@@ -8,6 +8,7 @@ local runner, Dataflow, Flink or Spark.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -38,6 +39,8 @@ class Plan:
     image_size: int
     min_image_size: int
     jpeg_quality: int
+    max_file_bytes: int  # an input over this is a dead letter, never read past it
+    max_decoded_bytes: int  # an image whose decoded pixels would take more is a dead letter
     image_threads: int  # threads reading and decoding images per Beam worker; 0: one per core
     num_shards: int
     split_fractions: tuple[float, float, float]
@@ -56,7 +59,13 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
         | "ParseCandidates" >> beam.Map(Candidate.from_json)
         | "ReadImages"
         >> transforms.ReadAndDecode(
-            storage.read_bytes, plan.image_size, plan.min_image_size, plan.jpeg_quality, plan.image_threads
+            functools.partial(storage.read_bytes, max_bytes=plan.max_file_bytes),
+            plan.image_size,
+            plan.min_image_size,
+            plan.jpeg_quality,
+            plan.image_threads,
+            max_file=plan.max_file_bytes,
+            max_decoded=plan.max_decoded_bytes,
         )
     )
     train_f, eval_f, test_f = plan.split_fractions

@@ -111,7 +111,7 @@ def discover(source: str) -> Listing:
         except FileNotFoundError:
             raise ConfigError(f"data.source: manifest not found: {source}") from None
         return _listing("manifest", candidates)
-    files = storage.list_files(source)
+    files = storage.list_files(source, special=True)  # FIFOs, devices, dangling links: dead letters
     if not files:
         raise ConfigError(
             f"data.source: no files under {source}. Expected class folders (<class>/<image>), "

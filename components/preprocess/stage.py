@@ -24,6 +24,7 @@ from components.preprocess import analysis
 from components.preprocess import pipeline as graph
 from components.preprocess.sources import Listing, discover
 from components.preprocess.splits import SPLITS
+from components.preprocess.transforms import available_cpus
 from pipeline import storage
 from pipeline.config import Config, resolved_image_size, to_yaml
 from pipeline.download import ensure_source
@@ -50,12 +51,12 @@ def local_workers(config: Config) -> int:
 
 def image_threads(config: Config) -> int:
     """``preprocess.image_threads`` for each worker; when 0 and the local runner has several
-    worker processes, the machine's cores shared among them (0 otherwise: each worker uses
-    its own machine's cores)."""
+    worker processes, the CPUs this process may use shared among them (0 otherwise: each
+    worker counts its own, ``transforms.default_image_threads``)."""
     threads = config.preprocess.image_threads
     if threads or config.preprocess.runner not in LOCAL_RUNNERS or local_workers(config) == 1:
         return threads
-    return max(1, (os.cpu_count() or 1) // local_workers(config))
+    return max(1, available_cpus() // local_workers(config))
 
 
 def beam_options(config: Config, temp_location: str) -> PipelineOptions:
@@ -171,6 +172,8 @@ def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> 
         image_size=size,
         min_image_size=config.preprocess.min_image_size,
         jpeg_quality=config.preprocess.jpeg_quality,
+        max_file_bytes=config.preprocess.max_file_mb * 2**20,
+        max_decoded_bytes=config.preprocess.max_decoded_mb * 2**20,
         image_threads=image_threads(config),
         num_shards=config.preprocess.num_shards,
         split_fractions=(split.train, split.eval, split.test),

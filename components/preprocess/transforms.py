@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from components.preprocess import images
 from components.preprocess.splits import assign_split
+from pipeline import storage
 
 DEAD_LETTER = "dead_letter"
 DUPLICATE = "duplicate"
@@ -41,7 +43,11 @@ def dead_letter(record: dict[str, Any], stage: str, reason: str, detail: str) ->
 
 
 def decode_record(
-    record: dict[str, Any], size: int, min_size: int, quality: int
+    record: dict[str, Any],
+    size: int,
+    min_size: int,
+    quality: int,
+    max_decoded: int = images.DEFAULT_MAX_DECODED_BYTES,
 ) -> tuple[bool, dict[str, Any]]:
     """Decodes one record's ``data``: ``(True, example)`` or ``(False, dead letter)``.
 
@@ -52,7 +58,7 @@ def decode_record(
         return False, dead_letter(record, "DecodeAndValidate", "missing_label", "no label")
     data = record["data"]
     try:
-        image = images.process_image(data, size, min_size, quality)
+        image = images.process_image(data, size, min_size, quality, max_decoded)
     except images.BadImage as e:
         return False, dead_letter(record, "DecodeAndValidate", e.reason, e.detail)
     return True, {
@@ -73,10 +79,43 @@ READ_BATCH = 32
 MAX_DEFAULT_THREADS = 8
 
 
+FILE_TOO_LARGE = "file_too_large"
+NOT_A_FILE = "not_a_file"
+DEFAULT_MAX_FILE_BYTES = 64 * 2**20
+
+
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: the ones it is pinned to (``sched_getaffinity``), fewer
+    when a cgroup CPU quota (a pod's CPU limit, v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``)
+    allows less, rounded up; at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root)
+    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """CPUs allowed by the cgroup's quota, or None when there is none (or no cgroup)."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:  # cgroup v2: "<quota> <period>" or "max <period>"
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota_us = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period_us = int(f.read())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
 def default_image_threads() -> int:
-    """Image threads when ``preprocess.image_threads`` is 0: one per core of this machine, at
-    most :data:`MAX_DEFAULT_THREADS`."""
-    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_THREADS))
+    """Image threads when ``preprocess.image_threads`` is 0: one per CPU this process may use
+    (:func:`available_cpus`: a pod's CPU limit counts, not the node's cores), at most
+    :data:`MAX_DEFAULT_THREADS`."""
+    return max(1, min(available_cpus(), MAX_DEFAULT_THREADS))
 
 
 class _ReadAndDecodeFn(beam.DoFn):
@@ -91,9 +130,19 @@ class _ReadAndDecodeFn(beam.DoFn):
     to pool threads).
     """
 
-    def __init__(self, read: Callable[[str], bytes], size: int, min_size: int, quality: int, threads: int):
+    def __init__(
+        self,
+        read: Callable[[str], bytes],
+        size: int,
+        min_size: int,
+        quality: int,
+        threads: int,
+        max_file: int = DEFAULT_MAX_FILE_BYTES,
+        max_decoded: int = images.DEFAULT_MAX_DECODED_BYTES,
+    ):
         self._read = read
-        self._args = (size, min_size, quality)
+        self._max_file = max_file
+        self._args = (size, min_size, quality, max_decoded)
         self._threads = threads
         self._decoded = beam.metrics.Metrics.counter("DecodeAndValidate", "decoded")
         self._rejected = beam.metrics.Metrics.counter("DecodeAndValidate", "rejected")
@@ -157,8 +206,21 @@ class _ReadAndDecodeFn(beam.DoFn):
         }
         if candidate.problem:
             return False, dead_letter(record, "ListImages", candidate.problem, candidate.detail)
+        too_large = f"over preprocess.max_file_mb ({self._max_file / 2**20:g} MiB)"
+        if candidate.size > self._max_file:  # known from the listing: not read at all
+            return False, dead_letter(
+                record, "ReadImages", FILE_TOO_LARGE, f"{candidate.size} bytes, {too_large}"
+            )
         try:
             record["data"] = self._read(candidate.uri)
+            if len(record["data"]) > self._max_file:  # a reader that does not bound itself
+                raise storage.FileTooLarge(candidate.uri, self._max_file)
+        except storage.NotAFile as e:
+            return False, dead_letter(record, "ReadImages", NOT_A_FILE, str(e))
+        except storage.FileTooLarge:
+            return False, dead_letter(
+                record, "ReadImages", FILE_TOO_LARGE, f"more than {self._max_file} bytes, {too_large}"
+            )
         except Exception as e:  # any read error (missing, permission denied, ...): this file's
             # problem, after the client's own retries, not the run's
             return False, dead_letter(record, "ReadImages", "unreadable", f"{type(e).__name__}: {e}")
@@ -168,9 +230,11 @@ class _ReadAndDecodeFn(beam.DoFn):
 class ReadAndDecode(beam.PTransform):
     """Candidates (``sources.Candidate``) -> examples, plus a ``dead_letter`` output.
 
-    Reads each candidate's bytes with ``read`` (the pipeline passes the storage edge's reader;
-    the transform itself does no I/O of its own) and decodes them with :func:`decode_record`,
-    in batches of :data:`READ_BATCH` on ``threads`` threads per worker (0: one per core).
+    Reads each candidate's bytes with ``read`` (the pipeline passes the storage edge's reader,
+    bounded to ``max_file`` bytes; the transform itself does no I/O of its own; a file over
+    ``max_file`` is a ``file_too_large`` dead letter, unread when the listing knew its size)
+    and decodes them with :func:`decode_record` (at most ``max_decoded`` bytes of pixels), in
+    batches of :data:`READ_BATCH` on ``threads`` threads per worker (0: one per usable CPU).
     The batches are redistributed first (a listing is read as one bundle; this spreads the
     work over every worker), as batches: one shuffled element per 32 candidates.
 
@@ -178,10 +242,17 @@ class ReadAndDecode(beam.PTransform):
     """
 
     def __init__(
-        self, read: Callable[[str], bytes], size: int, min_size: int, quality: int = 95, threads: int = 0
+        self,
+        read: Callable[[str], bytes],
+        size: int,
+        min_size: int,
+        quality: int = 95,
+        threads: int = 0,
+        max_file: int = DEFAULT_MAX_FILE_BYTES,
+        max_decoded: int = images.DEFAULT_MAX_DECODED_BYTES,
     ):
         super().__init__()
-        self._fn = _ReadAndDecodeFn(read, size, min_size, quality, threads)
+        self._fn = _ReadAndDecodeFn(read, size, min_size, quality, threads, max_file, max_decoded)
 
     def expand(self, candidates):
         return (
