@@ -54,11 +54,14 @@ class DataConfig:
     JSONL manifest of ``uri,label[,split]``; a local path or a gs:// URI. ``download`` lists
     .zip / .tar / .tar.gz / .tgz archives (https://, http://, gs:// or a local path) that
     fill a local ``source`` directory when it is missing or empty (see
-    ``pipeline.download``); a ``source`` that holds files is used as it is.
+    ``pipeline.download``); a ``source`` that holds files is used as it is. Inputs must lie
+    inside ``source`` (for a manifest: its own folder or bucket prefix), after ``..`` and
+    symlinks are resolved, or inside one of ``allowed_roots``; others are dead letters.
     """
 
     source: str = ""
     download: list[str] = field(default_factory=list)
+    allowed_roots: list[str] = field(default_factory=list)
     split: SplitConfig = field(default_factory=SplitConfig)
 
 

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from components.preprocess.sources import MANIFEST_SUFFIXES, discover
+from components.preprocess.sources import MANIFEST_SUFFIXES, OUTSIDE_SOURCE, discover
 from pipeline import code_version, outputs, storage, utc_now
 from pipeline.config import Config, resolved_image_size
 from pipeline.download import ensure_source
@@ -135,9 +135,10 @@ def input_fingerprint(config: Config) -> str:
         ConfigError: the source holds no files, or the manifest does not exist.
     """
     source = config.data.source
-    entries = (
-        _manifest_entries(source) if source.lower().endswith(MANIFEST_SUFFIXES) else _folder_entries(source)
-    )
+    if source.lower().endswith(MANIFEST_SUFFIXES):
+        entries = _manifest_entries(source, config.data.allowed_roots)
+    else:
+        entries = _folder_entries(source)
     digest = hashlib.sha256(b"finetune-inputs-v1\n")
     for entry in sorted(entries):
         digest.update(json.dumps(entry).encode() + b"\n")
@@ -156,17 +157,21 @@ def _folder_entries(source: str) -> list[tuple[str, int, str]]:
     return [(uri[len(base) :].replace(os.sep, "/"), *found[uri]) for uri in found]
 
 
-def _manifest_entries(source: str) -> list[tuple[str, int, str]]:
+def _manifest_entries(source: str, allowed_roots: list[str]) -> list[tuple[str, int, str]]:
     """The manifest's bytes, under its suffix only, and every file it lists (found by the
-    preprocessing stage's own ``discover``, which resolves relative paths)."""
+    preprocessing stage's own ``discover``, which resolves relative paths); a listed file
+    outside the allowed roots counts by its name only, never read."""
     try:
         data = storage.read_bytes(source)
     except FileNotFoundError:
         raise ConfigError(f"data.source: manifest not found: {source}") from None
     base = source.rsplit("/", 1)[0] + "/" if "/" in source else ""
-    listed = sorted({c.uri for c in discover(source).candidates if not c.uri.startswith(source + "#")})
-    local = _local_checksums([u for u in listed if not storage.is_gcs(u)])
-    found = local | _gcs_listed_checksums([u for u in listed if storage.is_gcs(u)])
+    candidates = [c for c in discover(source, allowed_roots).candidates if not c.uri.startswith(source + "#")]
+    outside = {c.uri for c in candidates if c.problem == OUTSIDE_SOURCE}
+    listed = sorted({c.uri for c in candidates})
+    local = _local_checksums([u for u in listed if not storage.is_gcs(u) and u not in outside])
+    local |= {u: (-1, OUTSIDE_SOURCE) for u in outside}
+    found = local | _gcs_listed_checksums([u for u in listed if storage.is_gcs(u) and u not in outside])
     suffix = "manifest" + os.path.splitext(source)[1].lower()
     entries = [(suffix, len(data), "sha256:" + hashlib.sha256(data).hexdigest())]
     return entries + [(u[len(base) :] if base and u.startswith(base) else u, *found[u]) for u in listed]

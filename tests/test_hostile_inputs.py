@@ -82,9 +82,9 @@ def test_special_files_and_oversized_files_are_dead_letters_at_a_bounded_cost(tm
     for i in range(8):
         _jpeg(str(source / ("cat" if i % 2 else "dog") / f"{i}.jpg"), i)
     os.mkfifo(source / "cat" / "fifo.jpg")  # opening it would block forever
-    (source / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # dangling
-    (tmp_path / "elsewhere").mkdir()
-    (source / "dog" / "folder_link").symlink_to(tmp_path / "elsewhere")
+    (source / "cat" / "gone.jpg").symlink_to(source / "cat" / "nowhere.jpg")  # dangling
+    (source / "elsewhere").mkdir()
+    (source / "dog" / "folder_link").symlink_to(source / "elsewhere")
     _sparse(str(source / "dog" / "huge.jpg"), 3 * MiB)  # the listing knows its size: never read
     summary = run_stage(
         str(source), str(tmp_path / "run"), "preprocess.max_file_mb=1", "preprocess.max_bad_fraction=1"
@@ -101,20 +101,20 @@ def test_special_files_and_oversized_files_are_dead_letters_at_a_bounded_cost(tm
     assert "is a FIFO, not a regular file" in dead["fifo.jpg"]["detail"]
     assert sum(summary["records"].values()) == 8 and summary["inputs"] == 8 + 4
 
-    # A manifest gives no sizes: the read itself stops at the limit, and /dev/zero is refused unread.
+    # A manifest gives no sizes: the read itself stops at the limit, and /dev/zero (allowed
+    # here, to reach the reader) is refused unread.
     _sparse(str(tmp_path / "big.jpg"), 3 * MiB)
     rows = [f"images/{'cat' if i % 2 else 'dog'}/{i}.jpg,{'cat' if i % 2 else 'dog'}" for i in range(8)]
     rows += ["/dev/zero,cat", "big.jpg,dog"]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
-    config = load_config(None, [f"data.source={tmp_path / 'm.csv'}", "run_dir=unused"])
-    assert (
-        len(orchestrator.input_fingerprint(config)) == 64
-    )  # finetune run lists it without reading /dev/zero
+    settings = [f"data.source={tmp_path / 'm.csv'}", "run_dir=unused", "data.allowed_roots=[/dev]"]
+    assert len(orchestrator.input_fingerprint(load_config(None, settings))) == 64  # /dev/zero not read
     summary = run_stage(
         str(tmp_path / "m.csv"),
         str(tmp_path / "run_m"),
         "preprocess.max_file_mb=1",
         "preprocess.max_bad_fraction=1",
+        "data.allowed_roots=[/dev]",
     )
     assert summary["dead_letter"]["by_reason"] == {"file_too_large": 1, "not_a_file": 1}
     dead = read_jsonl(out(str(tmp_path / "run_m"), "dead_letter.jsonl"))
@@ -167,3 +167,44 @@ def test_the_limits_are_configuration_with_safe_defaults():
     assert (config.preprocess.max_file_mb, config.preprocess.max_decoded_mb) == (64, 256)
     with pytest.raises(ConfigError, match="preprocess.max_file_mb: 0 must be between 1"):
         load_config(None, ["data.source=/d", "run_dir=/r", "preprocess.max_file_mb=0"])
+
+
+def test_a_manifest_reads_nothing_outside_its_folder_and_quotes_nothing(tmp_path):
+    # An attacker's manifest: system files, the process environment, a path climbing out of the
+    # manifest's folder, and a symlink inside it pointing out; none of it may be read, become
+    # training data, or be quoted in a dead letter.
+    data = tmp_path / "data"
+    for i in range(8):
+        _jpeg(str(data / "images" / f"{i}.jpg"), 100 + i)
+    _jpeg(str(tmp_path / "outside" / "x.jpg"), 200)
+    (data / "images" / "link.jpg").symlink_to(tmp_path / "outside" / "x.jpg")
+    (data / "notes.txt").write_text("SHELL=/bin/bash\nAPI_TOKEN=hunter2\n")  # inside, but not an image
+    rows = [f"images/{i}.jpg,{'cat' if i % 2 else 'dog'}" for i in range(8)]
+    rows += ["/etc/passwd,cat", "/proc/self/environ,dog", "../outside/x.jpg,cat", "images/link.jpg,dog"]
+    rows += ["notes.txt,cat"]
+    (data / "m.csv").write_text("\n".join(rows) + "\n")
+    run_dir = str(tmp_path / "run")
+    summary = run_stage(str(data / "m.csv"), run_dir, "preprocess.max_bad_fraction=1")
+    dead = read_jsonl(out(run_dir, "dead_letter.jsonl"))
+    reasons = {os.path.basename(d["uri"]): d["reason"] for d in dead}
+    assert reasons == {
+        "passwd": "outside_source",
+        "environ": "outside_source",
+        "x.jpg": "outside_source",
+        "link.jpg": "outside_source",
+        "notes.txt": "not_an_image",
+    }
+    assert sum(summary["records"].values()) == 8  # only the images inside
+    text = storage.read_text(out(run_dir, "dead_letter.jsonl"))
+    for secret in ("root:", "SHELL", "hunter2", "API_TOKEN"):
+        assert secret not in text
+    assert "data.allowed_roots" in next(d["detail"] for d in dead if d["reason"] == "outside_source")
+
+    # The same rows are read once the user allows the folder.
+    summary = run_stage(
+        str(data / "m.csv"),
+        str(tmp_path / "run2"),
+        "preprocess.max_bad_fraction=1",
+        f"data.allowed_roots=[{tmp_path / 'outside'}]",
+    )
+    assert sum(summary["records"].values()) == 8 + 1  # x.jpg once: the link and the row are one image

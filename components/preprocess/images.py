@@ -164,7 +164,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _describe(data: bytes) -> str:
-    head = data[:16]
+    """What the bytes look like, without quoting them: a dead letter must never carry the
+    content of a file that is not an image (a manifest may have named a secret)."""
+    head = data[:64]
     if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        return f"starts with text {head.decode('ascii', 'replace')!r}"
-    return f"starts with bytes {head.hex()}"
+        return f"{len(data)} bytes of text"
+    return f"{len(data)} bytes of binary data with no image signature"

@@ -11,7 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import posixpath
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from pipeline import storage
@@ -35,6 +38,7 @@ _HEADER_NAMES = {"uri", "path", "image", "file", "filename"}
 MISSING_LABEL = "missing_label"
 BAD_MANIFEST_ROW = "bad_manifest_row"
 BAD_LABEL = "bad_label"
+OUTSIDE_SOURCE = "outside_source"
 MAX_LABEL_CHARS = 200
 
 
@@ -99,8 +103,14 @@ class Listing:
     has_eval: bool
 
 
-def discover(source: str) -> Listing:
+def discover(source: str, allowed_roots: Sequence[str] = ()) -> Listing:
     """Lists ``source`` and returns one candidate per file or manifest row.
+
+    Every candidate must lie inside the source (a manifest's own folder or bucket prefix, or
+    the class folders) or inside one of ``allowed_roots`` (``data.allowed_roots``), once
+    ``..`` and, locally, symlinks are resolved: a manifest row naming ``/etc/passwd`` or
+    ``../x.jpg``, or a symlink leading out of the folder, is an ``outside_source`` dead letter,
+    never read.
 
     Raises:
         ConfigError: when the source does not exist or holds no files.
@@ -110,7 +120,8 @@ def discover(source: str) -> Listing:
             candidates = _from_manifest(source)
         except FileNotFoundError:
             raise ConfigError(f"data.source: manifest not found: {source}") from None
-        return _listing("manifest", candidates)
+        base = source.rsplit("/", 1)[0] if "/" in source else "."
+        return _listing("manifest", _confine(candidates, [base, *allowed_roots]))
     files = storage.list_files(source, special=True)  # FIFOs, devices, dangling links: dead letters
     if not files:
         raise ConfigError(
@@ -120,10 +131,41 @@ def discover(source: str) -> Listing:
     base = source.rstrip("/") + "/"
     relative = [(f, f.uri[len(base) :].split("/")) for f in files]
     top = {parts[0] for _, parts in relative if len(parts) > 1}
+    roots = [source, *allowed_roots]
     if top and top <= set(SPLIT_ALIASES) and any(SPLIT_ALIASES[t] == "train" for t in top):
         candidates = [_from_path(f, parts, with_split=True) for f, parts in relative]
-        return _listing("split_folders", candidates)
-    return _listing("class_folders", [_from_path(f, parts, with_split=False) for f, parts in relative])
+        return _listing("split_folders", _confine(candidates, roots))
+    return _listing(
+        "class_folders", _confine([_from_path(f, parts, with_split=False) for f, parts in relative], roots)
+    )
+
+
+def _confine(candidates: list[Candidate], roots: Sequence[str]) -> list[Candidate]:
+    """The candidates, those outside every root turned into ``outside_source`` problems."""
+    resolved = [_resolved(r) for r in roots]
+    confined = []
+    for c in candidates:
+        where = _resolved(c.uri)
+        if c.problem or c.uri.startswith(tuple(f"{r}#" for r in roots)) or _inside(where, resolved):
+            confined.append(c)
+            continue
+        detail = (
+            f"'{c.uri}' resolves to '{where}', outside {roots[0]}; add the folder or prefix to "
+            "data.allowed_roots to allow it"
+        )
+        confined.append(replace(c, label="", problem=OUTSIDE_SOURCE, detail=detail))
+    return confined
+
+
+def _resolved(uri: str) -> str:
+    """``uri`` with ``.``, ``..`` and (locally) symlinks resolved."""
+    if storage.is_gcs(uri):
+        return "gs://" + posixpath.normpath(uri[len("gs://") :])
+    return os.path.realpath(uri)
+
+
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
 def _listing(layout: str, candidates: list[Candidate]) -> Listing:

@@ -139,7 +139,7 @@ def run(config: Config) -> dict[str, Any]:
     ensure_source(config)  # fills a missing local data.source from data.download
     started = time.time()
     size = resolved_image_size(config)
-    listing = discover(config.data.source)
+    listing = discover(config.data.source, config.data.allowed_roots)
     total = len(listing.candidates)
     print(
         f"[{STAGE}] {total} files in {config.data.source} ({listing.layout}); images -> {size}x{size} "
