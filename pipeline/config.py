@@ -468,8 +468,28 @@ def _out_of_range(prefix: str, checks: tuple[tuple[str, float, float, float], ..
     ]
 
 
+# pipeline_options keys that hold credentials: they would be copied into every config.yaml, the
+# cluster's ConfigMap and the registry's assets.extra. Known harmless keys that match are allowed.
+_SECRET_KEY_RE = re.compile(r"secret|password|passwd|token|credential|private|(^|_)key($|_)|apikey", re.I)
+SAFE_OPTION_KEYS = frozenset(
+    {"dataflow_kms_key", "kms_key_name", "service_account_email", "impersonate_service_account"}
+)
+
+
+def secret_option_keys(options: dict[str, Any]) -> list[str]:
+    """The ``preprocess.pipeline_options`` keys that look like credentials."""
+    return sorted(k for k in options if _SECRET_KEY_RE.search(str(k)) and str(k) not in SAFE_OPTION_KEYS)
+
+
 def _validate_preprocess(p: PreprocessConfig) -> list[str]:
     problems = []
+    secret = secret_option_keys(p.pipeline_options)
+    if secret:
+        problems.append(
+            f"preprocess.pipeline_options: {', '.join(secret)} look like credentials, which would be written "
+            "into every config.yaml, the cluster's ConfigMap and the registry; give the workers an identity "
+            "instead (Workload Identity, cluster.credentials_secret, or the runner's service account)"
+        )
     if p.runner not in KNOWN_RUNNERS and "." not in p.runner:
         problems.append(
             f"preprocess.runner: unknown runner '{p.runner}'{did_you_mean(p.runner, KNOWN_RUNNERS)} "

@@ -63,6 +63,13 @@ def test_overrides_apply_after_the_file_and_parse_yaml_values(tmp_path):
         ("train.seed=-1", "train.seed: -1 must be between 0 and 4294967295"),
         ("evaluate.seed=4294967296", "evaluate.seed: 4294967296 must be between 0 and 4294967295"),
         ("model.image_size=100000", "model.image_size: 100000 is above 2048 px"),
+        # credentials in pipeline_options would be copied into every config.yaml and ConfigMap
+        (
+            "preprocess.pipeline_options={s3_secret_access_key: abc, project: p}",
+            "preprocess.pipeline_options: s3_secret_access_key look like credentials",
+        ),
+        ("preprocess.pipeline_options={hdfs_token: t}", "hdfs_token look like credentials"),
+        ("preprocess.pipeline_options={gcs_api_key: k}", "gcs_api_key look like credentials"),
     ],
 )
 def test_bad_values_fail_before_work_with_the_key_named(tmp_path, override, message):
@@ -70,6 +77,12 @@ def test_bad_values_fail_before_work_with_the_key_named(tmp_path, override, mess
     with pytest.raises(ConfigError) as error:
         load_config(path, [override])
     assert message in str(error.value)
+
+
+def test_ordinary_pipeline_options_pass():
+    options = "{project: p, region: us-east1, temp_location: gs://b/t, dataflow_kms_key: k, num_workers: 8}"
+    config = load_config(None, ["data.source=/a", "run_dir=r", f"preprocess.pipeline_options={options}"])
+    assert config.preprocess.pipeline_options["dataflow_kms_key"] == "k"
 
 
 def test_all_problems_are_reported_at_once():
