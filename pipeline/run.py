@@ -84,24 +84,61 @@ def _summary_outputs(config: Config, stage: str, *required: str) -> dict[str, An
     folder = outputs.stage_dir(config.run_dir, stage)
     if not all(storage.exists(storage.join(folder, path)) for path in required):
         return None
-    shards = summary.get("shards")
-    if stage == "preprocess" and (shards is None or outputs.changed_files(folder, shards)):
-        return None  # a shard deleted, truncated or replaced since (or not recorded): run it again
+    if not _consistent(config, stage, folder, summary):
+        return None
     facts = {"dir": folder, "summary": storage.join(folder, "summary.json")}
     keep = ("records", "pushed", "version", "reason")
     return facts | {k: summary[k] for k in keep if k in summary}
 
 
-def _evaluate_outputs(config: Config) -> dict[str, Any] | None:
-    """The verdict, and the export when it blessed the candidate."""
-    folder = outputs.stage_dir(config.run_dir, "evaluate")
-    path = storage.join(folder, "verdict.json")
-    saved_model = storage.join(config.run_dir, "export", "saved_model")
+def _consistent(config: Config, stage: str, folder: str, summary: dict[str, Any]) -> bool:
+    """Whether a finished stage's outputs are still the ones it recorded, made from the
+    inputs that are there now: preprocess's shards (sizes), train's models (sizes) and the
+    records they were trained on (digest), the export push published (fingerprint)."""
+    if stage == "preprocess":
+        shards = summary.get("shards")
+        return shards is not None and not outputs.changed_files(folder, shards)
+    if stage == "train":
+        models = summary.get("models")
+        try:
+            records = outputs.records_digest(outputs.read_summary(config.run_dir, "preprocess"))
+        except (StageError, ValueError):
+            return False
+        same_records = records is not None and summary.get("inputs_sha256") == records
+        return same_records and models is not None and not outputs.changed_files(folder, models)
+    if stage == "push":
+        verdict = _read_verdict(config)
+        blessed_export = (verdict or {}).get("export") or {}
+        return summary.get("fingerprint") == blessed_export.get("fingerprint")
+    return True
+
+
+def _read_verdict(config: Config) -> dict[str, Any] | None:
+    path = storage.join(outputs.stage_dir(config.run_dir, "evaluate"), "verdict.json")
     try:
         verdict = json.loads(storage.read_text(path))
     except (FileNotFoundError, ValueError):
         return None
-    if verdict.get("blessed") and not storage.exists(storage.join(saved_model, "saved_model.pb")):
+    return verdict if isinstance(verdict, dict) else None
+
+
+def _evaluate_outputs(config: Config) -> dict[str, Any] | None:
+    """The verdict, and the export when it blessed the candidate: only while the models it
+    judged are the ones training left (digests) and the export is as it was written."""
+    folder = outputs.stage_dir(config.run_dir, "evaluate")
+    path = storage.join(folder, "verdict.json")
+    saved_model = storage.join(config.run_dir, "export", "saved_model")
+    verdict = _read_verdict(config)
+    if verdict is None:
+        return None
+    try:
+        outputs.read_summary(config.run_dir, "train")
+        trained = outputs.file_facts(outputs.stage_dir(config.run_dir, "train"), outputs.MODEL_FILES)
+    except (StageError, ValueError, FileNotFoundError):
+        return None
+    if verdict.get("models") != trained:
+        return None  # judged other models (train ran again since, or a model was replaced)
+    if verdict.get("blessed") and not outputs.intact(storage.join(config.run_dir, "export")):
         return None
     facts = {"dir": folder, "verdict": path, "blessed": bool(verdict.get("blessed"))}
     facts |= {"reason": verdict.get("reason", ""), "report": storage.join(config.run_dir, "report.html")}

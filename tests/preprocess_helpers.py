@@ -26,6 +26,7 @@ PUBLISHED = {
     "duplicates.jsonl",
     "summary.json",
     "config.yaml",
+    ".finetune-stage.json",  # which stage made the folder and every file it wrote
 }
 
 

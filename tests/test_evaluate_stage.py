@@ -17,6 +17,7 @@ from components.evaluate import export, scoring
 from components.evaluate import stage as evaluate_stage
 from components.push import stage as push_stage
 from components.train import data
+from pipeline import outputs
 from pipeline.cli import main
 from pipeline.errors import StageError
 from tests.train_helpers import TINY_SIZE, train_config
@@ -140,6 +141,7 @@ def test_candidate_no_better_than_baseline_is_not_blessed_through_the_cli(tiny_t
     stale = os.path.join(run_dir, "export", "saved_model", "saved_model.pb")
     os.makedirs(os.path.dirname(stale))
     open(stale, "wb").close()
+    outputs.mark_owned(os.path.join(run_dir, "export"), "export", sealed=True)  # an earlier run's export
     train = os.path.join(run_dir, "train")
     shutil.copy(
         os.path.join(train, "baseline", "model.keras"), os.path.join(train, "candidate", "model.keras")

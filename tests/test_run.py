@@ -18,8 +18,8 @@ import types
 import pytest
 from PIL import Image
 
+from pipeline import outputs, storage
 from pipeline import run as orchestrator
-from pipeline import storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, StageError
 from tests.train_helpers import copy_prepared, make_colour_images, train_config
@@ -215,20 +215,28 @@ class FakeStages:
             _files(folder, {"train/data-00000-of-00001.tfrecord": shard})
             facts = {"bytes": len(shard), "sha256": hashlib.sha256(shard).hexdigest()}
             result["shards"] = {"train/data-00000-of-00001.tfrecord": facts}
-        if name == "train":
+            result |= {"classes": ["a", "b"], "image_size": 32}
+        if name == "train":  # the models and the records they came from, that later skips check
             for phase in ("baseline", "candidate"):
                 _files(folder, {f"{phase}/model.keras": b"weights"})
+            result["models"] = outputs.file_facts(folder, outputs.MODEL_FILES)
+            prep = json.loads(open(os.path.join(config.run_dir, "preprocess", "summary.json")).read())
+            result["inputs_sha256"] = outputs.records_digest(prep)
         if name == "evaluate":
             result = {"blessed": self.blessed, "reason": "fake verdict"}
-            _files(folder, {"verdict.json": json.dumps(result).encode()})
+            result["models"] = outputs.file_facts(os.path.join(config.run_dir, "train"), outputs.MODEL_FILES)
             _files(config.run_dir, {"report.html": b"<html>"})
             if self.blessed:
                 _files(config.run_dir, {"export/saved_model/saved_model.pb": b"pb"})
+                outputs.mark_owned(os.path.join(config.run_dir, "export"), "export", sealed=True)
+                result["export"] = {"fingerprint": "sha256:fake"}
+            _files(folder, {"verdict.json": json.dumps(result).encode()})
             return result
         if name == "push":
             pushed = self.blessed
             reason = "pushed" if pushed else "not blessed; nothing pushed"
             result |= {"pushed": pushed, "version": 7 if pushed else None, "reason": reason}
+            result |= {"fingerprint": "sha256:fake"} if pushed else {}
         _files(folder, {"summary.json": json.dumps(result).encode()})
         return result
 

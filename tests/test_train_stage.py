@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -33,6 +34,7 @@ def test_trains_both_phases_and_the_cached_baseline_equals_the_assembled_model(t
     run_dir, summary = tiny_training.run_dir, tiny_training.summary
     out = os.path.join(run_dir, "train")
     assert sorted(os.listdir(out)) == [
+        ".finetune-stage.json",  # the stage and every file it wrote
         "baseline",
         "candidate",
         "config.yaml",
@@ -40,7 +42,11 @@ def test_trains_both_phases_and_the_cached_baseline_equals_the_assembled_model(t
         "logs",
         "summary.json",
     ]
+    marker = json.loads(open(os.path.join(out, ".finetune-stage.json")).read())
+    assert marker["stage"] == "train" and marker["files"]["candidate/model.keras"] > 0
     for phase in ("baseline", "candidate"):
+        model = open(os.path.join(out, phase, "model.keras"), "rb").read()
+        assert summary["models"][f"{phase}/model.keras"]["sha256"] == hashlib.sha256(model).hexdigest()
         assert sorted(os.listdir(os.path.join(out, phase))) == ["history.json", "model.keras", "result.json"]
         assert os.listdir(os.path.join(out, "logs", phase, "train"))
         result = summary[phase]

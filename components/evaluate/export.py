@@ -20,10 +20,10 @@ written model.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from components.preprocess import schema
-from pipeline import storage
+from pipeline import scratch, storage
 
 SAVED_MODEL_PB = "saved_model.pb"
 EXTRA = "assets.extra"
@@ -100,7 +100,7 @@ def staged(keras_model: Any, classes: list[str], image_size: int, top_k: int) ->
     """Saves the serving SavedModel into a local temporary folder, removed on exit, so it can
     be loaded and checked before :func:`publish` makes it visible."""
     module = ServingModule(keras_model, classes, image_size, top_k)
-    tmp = tempfile.mkdtemp(prefix="finetune-export-")
+    tmp = scratch.mkdtemp("export")
     try:
         local = os.path.join(tmp, "saved_model")
         signatures = {
@@ -128,7 +128,7 @@ def publish(local: str, target: str, classes: list[str], extra: dict[str, str]) 
         with open(os.path.join(local, EXTRA, name), "w", encoding="utf-8") as f:
             f.write(text)
     size = directory_size(local)
-    held = tempfile.mkdtemp(prefix="finetune-pb-")
+    held = scratch.mkdtemp("pb")
     graph = os.path.join(held, SAVED_MODEL_PB)
     try:
         shutil.move(os.path.join(local, SAVED_MODEL_PB), graph)
@@ -140,6 +140,22 @@ def publish(local: str, target: str, classes: list[str], extra: dict[str, str]) 
         shutil.move(graph, os.path.join(local, SAVED_MODEL_PB))
         shutil.rmtree(held, ignore_errors=True)
     return size
+
+
+def content_fingerprint(saved_model_dir: str) -> str:
+    """``sha256:<hex>`` over every file of a local SavedModel folder (relative names and
+    bytes): the export's identity, recorded in the verdict and checked by push and the registry."""
+    digest = hashlib.sha256()
+    for root, dirs, names in os.walk(saved_model_dir):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, saved_model_dir).replace(os.sep, "/").encode() + b"\0")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            digest.update(b"\0")
+    return "sha256:" + digest.hexdigest()
 
 
 def directory_size(path: str) -> int:
@@ -208,7 +224,7 @@ def load_saved_model(uri: str) -> Any:
     """Loads a SavedModel from a local path or gs:// (copied through the storage edge)."""
     if not storage.is_gcs(uri):
         return tf.saved_model.load(uri)
-    tmp = tempfile.mkdtemp(prefix="finetune-load-")
+    tmp = scratch.mkdtemp("load")
     try:
         storage.copy_tree(uri, tmp)
         return tf.saved_model.load(tmp)

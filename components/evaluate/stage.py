@@ -38,6 +38,7 @@ from pipeline.errors import StageError
 STAGE = "evaluate"
 PHASES = ("baseline", "candidate")
 MARKERS = {True: "BLESSED", False: "NOT_BLESSED"}
+EXPORT = "export"  # <run_dir>/export: the blessed SavedModel (and TFLite model), evaluation's too
 
 
 def say(message: str) -> None:
@@ -60,24 +61,31 @@ def run(config: Config) -> dict[str, Any]:
             "(a test/ folder, a manifest split column, or data.split.test > 0) and re-run preprocessing"
         )
     outputs.read_summary(config.run_dir, "train")
+    export_dir = storage.join(config.run_dir, EXPORT)
+    outputs.check_owned(out, STAGE)  # before any work: never delete a user's file
+    outputs.check_owned(export_dir, EXPORT)
     test_files = data.record_files(prep_dir, "test")
     models = {phase: _load_model(storage.join(train_dir, phase, "model.keras")) for phase in PHASES}
+    model_files = outputs.file_facts(train_dir, outputs.MODEL_FILES)  # what this verdict is about
     storage.delete_tree(out)
+    outputs.mark_owned(out, STAGE)
     storage.write_text(storage.join(out, "config.yaml"), to_yaml(config))
     scored, verdict = _score_and_decide(config, models, test_files, classes, size)
+    verdict["models"] = model_files
     e = config.evaluate
     results = {
         name: metrics.evaluate(scored.predictions(name), classes, e.top_k, e.calibration_bins)
         for name in scored.probs
     }
     say(("BLESSED: " if verdict["blessed"] else "NOT BLESSED: ") + verdict["reason"])
-    storage.delete_tree(storage.join(config.run_dir, "export"))  # never leave an older export behind
+    storage.delete_tree(export_dir)  # never leave an older export behind
     facts = {phase: _model_facts(models[phase], train_dir, phase, size) for phase in PHASES}
     if verdict["blessed"]:
         verdict["export"] = _export(config, models["candidate"], summary, test_files, scored, verdict)
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(results, indent=2) + "\n")
     storage.write_text(storage.join(out, "verdict.json"), json.dumps(verdict, indent=2) + "\n")
     storage.write_text(storage.join(out, MARKERS[verdict["blessed"]]), verdict["reason"] + "\n")
+    outputs.mark_owned(out, STAGE, sealed=True)
     report_path = storage.join(config.run_dir, "report.html")
     report.write_report(
         report_path, _report_data(config, summary, train_dir, results, verdict, scored, facts)
@@ -162,8 +170,9 @@ def _export(
     """Stages the SavedModel, checks it against the trained model on the test split, adds
     the TFLite model, then publishes (``saved_model.pb`` last)."""
     classes, size = list(summary["classes"]), int(summary["image_size"])
-    export_dir = storage.join(config.run_dir, "export")
+    export_dir = storage.join(config.run_dir, EXPORT)
     target = storage.join(export_dir, "saved_model")
+    outputs.mark_owned(export_dir, EXPORT)  # all of it is this stage's until it is sealed
     with export.staged(keras_model, classes, size, config.export.top_k) as local:
         loaded = tf.saved_model.load(local)
         examples = loaded.signatures[export.SERVING_EXAMPLES]
@@ -195,6 +204,8 @@ def _export(
             {**verdict, "export": facts}, fingerprint(config.run_dir, summary), to_yaml(config)
         )
         facts["size_bytes"] = export.publish(local, target, classes, extra)
+        facts["fingerprint"] = export.content_fingerprint(local)  # what push will publish
+        outputs.mark_owned(export_dir, EXPORT, sealed=True)
     say(f"exported {target} ({facts['size_bytes'] / 1e6:.1f} MB, test accuracy {facts['accuracy']:.4f})")
     return facts
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +23,7 @@ from components.preprocess import pipeline as graph
 from components.preprocess.sources import Listing, discover
 from components.preprocess.splits import SPLITS
 from components.preprocess.transforms import available_cpus
-from pipeline import storage
+from pipeline import outputs, scratch, storage
 from pipeline.config import Config, resolved_image_size, to_yaml
 from pipeline.download import ensure_source
 from pipeline.errors import StageError
@@ -109,8 +107,8 @@ class _Workspace:
     @staticmethod
     def create(config: Config) -> _Workspace:
         local_runner = config.preprocess.runner in LOCAL_RUNNERS
-        staging = storage.join(config.run_dir, f".{STAGE}-staging-{uuid.uuid4().hex[:8]}")
-        local_tmp = tempfile.mkdtemp(prefix="finetune-preprocess-")
+        staging = scratch.new_staging(config.run_dir, STAGE)  # and sweeps what killed runs left
+        local_tmp = scratch.mkdtemp(STAGE)
         local_graph = local_runner and storage.is_gcs(config.run_dir)
         shared_tmp = storage.join(staging, "tmp")  # what every worker of a remote runner reaches
         return _Workspace(
@@ -146,6 +144,7 @@ def run(config: Config) -> dict[str, Any]:
         f"JPEG; runner {config.preprocess.runner}",
         flush=True,
     )
+    outputs.check_owned(output_dir(config), STAGE)  # before any work: never delete a user's file
     work = _Workspace.create(config)
     try:
         _run_beam(config, listing, size, work)
@@ -199,6 +198,9 @@ def _publish(config: Config, summary: dict[str, Any], work: _Workspace) -> None:
             storage.delete_tree(storage.join(work.staging, name))
     storage.write_text(storage.join(work.staging, "config.yaml"), to_yaml(config))
     storage.write_text(storage.join(work.staging, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    storage.delete_tree(storage.join(work.staging, scratch.OWNER))
+    outputs.mark_owned(work.staging, STAGE, sealed=True)
+    outputs.check_owned(work.final, STAGE)  # again: a file may have been put there meanwhile
     storage.delete_tree(work.final)
     storage.move_tree(work.staging, work.final)
 

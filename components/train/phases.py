@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ import tensorflow as tf
 import tf_keras
 
 from components.train import data, distribute, model
-from pipeline import storage
+from pipeline import scratch, storage
 from pipeline.config import Config
 
 
@@ -351,7 +350,7 @@ def _rate(ctx: Run, result: dict[str, Any], seconds: float) -> float:
 def _save(ctx: Run, keras_model: Any, phase: str, result: dict, history: dict) -> None:
     """Every worker saves (variables that sync on read need all of them); only the chief's
     copy is published, others are deleted. ``result.json`` goes last: it marks the phase done."""
-    tmp = tempfile.mkdtemp(prefix=f"finetune-{phase}-")
+    tmp = scratch.mkdtemp(phase)
     try:
         path = os.path.join(tmp, "model.keras")
         keras_model.save(path)

@@ -19,7 +19,6 @@ backup. The test split is never read here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import Any
@@ -57,12 +56,6 @@ def read_inputs(config: Config) -> Inputs:
             f"set model.image_size={summary['image_size']} or re-run `finetune preprocess`"
         )
     records = summary["records"]
-    shards = summary.get("shards")
-    digest = None
-    if shards is not None:
-        read = {name: facts for name, facts in shards.items() if name.split("/")[0] in ("train", "eval")}
-        material = {"classes": summary["classes"], "image_size": size, "shards": read}
-        digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return Inputs(
         classes=list(summary["classes"]),
         image_size=size,
@@ -70,7 +63,7 @@ def read_inputs(config: Config) -> Inputs:
         eval_files=data.record_files(prep, "eval") if records.get("eval") else [],
         num_train=int(records["train"]),
         num_eval=int(records.get("eval", 0)),
-        digest=digest,
+        digest=outputs.records_digest(summary),
     )
 
 
@@ -87,6 +80,8 @@ def run(config: Config) -> dict[str, Any]:
     workers.ensure_tf_config()  # a pod of the Indexed Job: TF_CONFIG from its index and the hosts
     cluster = distribute.parse_tf_config()
     inputs = read_inputs(config)
+    if cluster.is_chief:
+        outputs.check_owned(output_dir(config), STAGE)  # before any work: never delete a user's file
     placement = distribute.create_strategy(cluster)  # before any other TensorFlow op
     policy = distribute.precision_policy(config, placement.device)
     tf_keras.mixed_precision.set_global_policy(policy)
@@ -154,7 +149,9 @@ def run(config: Config) -> dict[str, Any]:
     }
     if cluster.is_chief:
         storage.delete_tree(storage.join(ctx.out, "backup"))  # both phases are done
+        summary["models"] = outputs.file_facts(ctx.out, outputs.MODEL_FILES)
         storage.write_text(storage.join(ctx.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        outputs.mark_owned(ctx.out, STAGE, sealed=True)
         ctx.say(
             f"done in {summary['seconds']} s: baseline eval accuracy {_fmt(baseline['eval'])}, "
             f"candidate eval accuracy {_fmt(candidate['eval'])}; outputs in {ctx.out}"
@@ -198,5 +195,6 @@ def _prepare_output(ctx: Run) -> None:
             why = "other TFRecords (preprocessing ran again since)"
         ctx.say(f"the unfinished run in {ctx.out} had {why}; starting over")
         storage.delete_tree(ctx.out)
+    outputs.mark_owned(ctx.out, STAGE)  # all of it is this stage's until it finishes
     storage.write_text(inputs_path, inputs)
     storage.write_text(config_path, text)
