@@ -8,11 +8,13 @@ every stage and saved as ``config.yaml`` beside each stage's outputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import posixpath
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,20 +49,38 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class DownloadLimitsConfig:
+    """Bounds on what the archives of ``data.download`` may write (see ``pipeline.download``).
+
+    Counted from the bytes actually written, never from the archives' headers:
+    ``max_total_mb`` (MiB) for all archives together (a download also stops there),
+    ``max_ratio`` for each archive's bytes written over its own size (an archive under 1 MiB
+    counts as 1 MiB: a decompression bomb), ``max_members`` entries in all archives together.
+    """
+
+    max_total_mb: int = 10_000
+    max_ratio: int = 100
+    max_members: int = 100_000
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the labelled images are.
 
     ``source`` is a directory of class folders, a directory of split folders, or a CSV or
     JSONL manifest of ``uri,label[,split]``; a local path or a gs:// URI. ``download`` lists
-    .zip / .tar / .tar.gz / .tgz archives (https://, http://, gs:// or a local path) that
-    fill a local ``source`` directory when it is missing or empty (see
-    ``pipeline.download``); a ``source`` that holds files is used as it is. Inputs must lie
-    inside ``source`` (for a manifest: its own folder or bucket prefix), after ``..`` and
-    symlinks are resolved, or inside one of ``allowed_roots``; others are dead letters.
+    .zip / .tar / .tar.gz / .tgz archives that fill a local ``source`` directory when it is
+    missing or empty (see ``pipeline.download``); a ``source`` that holds files is used as it
+    is. Each entry is an https:// or gs:// URL or a local path, or ``{url: ..., sha256: ...}``
+    with the archive's pinned digest, which http:// needs; ``download_limits`` bound what the
+    archives may write. Inputs must lie inside ``source`` (for a manifest: its own folder or
+    bucket prefix), after ``..`` and symlinks are resolved, or inside one of
+    ``allowed_roots``; others are dead letters.
     """
 
     source: str = ""
-    download: list[str] = field(default_factory=list)
+    download: list[str | dict[str, str]] = field(default_factory=list)
+    download_limits: DownloadLimitsConfig = field(default_factory=DownloadLimitsConfig)
     allowed_roots: list[str] = field(default_factory=list)
     split: SplitConfig = field(default_factory=SplitConfig)
 
@@ -434,29 +454,64 @@ def _non_finite(node: Any, prefix: str = "") -> list[str]:
 
 
 def _validate_download(d: DataConfig) -> list[str]:
-    """``data.download``: known archive suffixes and schemes, and only for a local folder."""
+    """``data.download``: archive entries (a URL, or ``{url, sha256}``), known suffixes and
+    schemes, http:// only with a pinned sha256, only for a local folder; ``download_limits``."""
+    problems = _out_of_range(
+        "data.download_limits.",
+        (
+            ("max_total_mb", d.download_limits.max_total_mb, 1, 10**8),
+            ("max_ratio", d.download_limits.max_ratio, 1, 10**6),
+            ("max_members", d.download_limits.max_members, 1, 10**9),
+        ),
+    )
     if not d.download:
-        return []
+        return problems
     from components.preprocess.sources import MANIFEST_SUFFIXES
-    from pipeline.download import ARCHIVE_SUFFIXES, DOWNLOAD_SCHEMES, archive_suffix, url_scheme
+    from pipeline.download import url_scheme
 
-    problems = []
-    for i, url in enumerate(d.download):
-        if url_scheme(url) not in DOWNLOAD_SCHEMES:
-            problems.append(
-                f"data.download[{i}]: '{url}' must be an https://, http:// or gs:// URL, or a local path"
-            )
-        elif not archive_suffix(url):
-            problems.append(
-                f"data.download[{i}]: '{url}' is not an archive; expected a name ending in "
-                f"{', '.join(ARCHIVE_SUFFIXES)}"
-            )
+    for i, entry in enumerate(d.download):
+        problems.extend(_check_archive_entry(f"data.download[{i}]", entry))
     if d.source and (url_scheme(d.source) or d.source.lower().endswith(MANIFEST_SUFFIXES)):
         problems.append(
             f"data.download: only fills a local data.source folder, but data.source is '{d.source}'; "
             "put the extracted images there yourself, or set data.download to []"
         )
     return problems
+
+
+DOWNLOAD_ENTRY_KEYS = ("url", "sha256")
+
+
+def _check_archive_entry(key: str, entry: str | dict[str, Any]) -> list[str]:
+    """One ``data.download`` entry: a URL string, or a mapping with ``url`` and ``sha256``."""
+    from pipeline.download import ARCHIVE_SUFFIXES, DOWNLOAD_SCHEMES, SHA256_RE, archive_suffix, url_scheme
+
+    if isinstance(entry, dict):
+        unknown = [str(k) for k in entry if k not in DOWNLOAD_ENTRY_KEYS]
+        if unknown:
+            return [
+                f"{key}: unknown key '{unknown[0]}'{did_you_mean(unknown[0], DOWNLOAD_ENTRY_KEYS)} "
+                f"Valid keys: {', '.join(DOWNLOAD_ENTRY_KEYS)}"
+            ]
+        url, digest = entry.get("url"), entry.get("sha256")
+        if not isinstance(url, str) or not url:
+            return [f"{key}.url: required, the archive's URL or path (got {url!r})"]
+        if digest is None:
+            return [f"{key}.sha256: required in a mapping (or give the URL alone, as a string)"]
+        if not isinstance(digest, str) or not SHA256_RE.match(digest.lower()):
+            return [f"{key}.sha256: {digest!r} must be 64 hexadecimal characters (quote it in YAML)"]
+    else:
+        url, digest = entry, ""
+    if url_scheme(url) not in DOWNLOAD_SCHEMES:
+        return [f"{key}: '{url}' must be an https://, http:// or gs:// URL, or a local path"]
+    if not archive_suffix(url):
+        return [f"{key}: '{url}' is not an archive; expected a name ending in {', '.join(ARCHIVE_SUFFIXES)}"]
+    if url_scheme(url) == "http" and not digest:
+        return [
+            f"{key}: '{url}' is plain http://, which anyone on the way can change: use https://, "
+            "or pin the archive as {url: ..., sha256: <its 64-hex sha256>}"
+        ]
+    return []
 
 
 def _out_of_range(prefix: str, checks: tuple[tuple[str, float, float, float], ...]) -> list[str]:
@@ -749,6 +804,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         (hint,) = [a for a in args if a is not type(None)]
+    elif isinstance(hint, types.UnionType):  # `str | dict[str, str]`: the first type that fits
+        for choice in args:
+            with contextlib.suppress(ConfigError):
+                return _coerce(name, value, choice)
+        raise ConfigError(f"{name}: expected {' or '.join(a.__name__ for a in args)}, got {value!r}")
     if typing.get_origin(hint) is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import io
+import json
 import os
 import socket
 import stat
@@ -91,6 +93,17 @@ class Server:
     def url(self, name: str) -> str:
         return f"{self.base}/{name}"
 
+    def pinned(self, name: str, sha256: str = "") -> dict[str, str]:
+        """A ``data.download`` entry for ``name`` with its sha256 (or ``sha256``): plain
+        http:// is refused without one."""
+        path = os.path.join(self.root, name.split("?")[0].removeprefix("short/"))
+        digest = sha256 or (hashlib.sha256(open(path, "rb").read()).hexdigest())
+        return {"url": self.url(name), "sha256": digest}
+
+    def flow(self, *names: str) -> str:
+        """``data.download=[...]`` for ``--set``: each name pinned, in YAML flow style."""
+        return "data.download=[" + ", ".join(json.dumps(self.pinned(n)) for n in names) + "]"
+
 
 @pytest.fixture
 def server(tmp_path, monkeypatch) -> Iterator[Server]:
@@ -146,7 +159,7 @@ def test_downloads_and_extracts_zip_and_tar_archives_into_a_missing_source(
     write_tar(os.path.join(server.root, "test.tgz"), test)
     write_tar(os.path.join(server.root, "extra.tar"), {"test/red/plain_tar.png": b"x"}, mode="w")
     source = str(tmp_path / "data" / "beans")
-    urls = [server.url(n) for n in ("train.zip", "validation.tar.gz", "test.tgz", "extra.tar?x=1")]
+    urls = [server.pinned(n) for n in ("train.zip", "validation.tar.gz", "test.tgz", "extra.tar?x=1")]
 
     assert fill_source(source, urls) is True
 
@@ -163,7 +176,7 @@ def test_an_empty_source_folder_is_filled(server, tmp_path):
     write_zip(os.path.join(server.root, "train.zip"), split_members("train"))
     source = tmp_path / "beans"
     (source / "empty" / "sub").mkdir(parents=True)
-    assert fill_source(str(source), [server.url("train.zip")])
+    assert fill_source(str(source), [server.pinned("train.zip")])
     assert sorted(os.listdir(source)) == ["train"]
 
 
@@ -172,7 +185,7 @@ def test_a_source_with_files_is_used_as_it_is_without_any_request(server, tmp_pa
     source = tmp_path / "beans"
     (source / "train" / "red").mkdir(parents=True)
     (source / "train" / "red" / "mine.jpg").write_bytes(b"mine")
-    config = config_for(str(source), str(tmp_path / "run"), f"data.download=[{server.url('train.zip')}]")
+    config = config_for(str(source), str(tmp_path / "run"), server.flow("train.zip"))
 
     ensure_source(config)
 
@@ -200,18 +213,19 @@ def _assert_failed(urls, source, *expected, fix="set data.source"):
 def test_http_404_names_the_url_and_leaves_no_source(server, tmp_path):
     write_zip(os.path.join(server.root, "train.zip"), split_members("train"))
     missing = server.url("missing.zip")
-    _assert_failed([server.url("train.zip"), missing], tmp_path / "beans", missing, "HTTP 404")
+    entries = [server.pinned("train.zip"), {"url": missing, "sha256": "0" * 64}]
+    _assert_failed(entries, tmp_path / "beans", missing, "HTTP 404")
 
 
 def test_corrupt_and_truncated_archives_fail_with_the_url(server, tmp_path):
     write_zip(os.path.join(server.root, "train.zip"), split_members("train"))
     (tmp_path / "served" / "bad.zip").write_bytes(b"<html>Access denied</html>" * 20)
     (tmp_path / "served" / "bad.tar.gz").write_bytes(b"\x1f\x8b" + os.urandom(300))
-    good = server.url("train.zip")
-    _assert_failed([good, server.url("bad.zip")], tmp_path / "a", "bad.zip", "not a valid .zip archive")
-    _assert_failed([server.url("bad.tar.gz")], tmp_path / "b", "bad.tar.gz", "not a valid .tar.gz archive")
-    short = server.url("short/train.zip")
-    _assert_failed([short], tmp_path / "c", short, "the connection closed after")
+    good = server.pinned("train.zip")
+    _assert_failed([good, server.pinned("bad.zip")], tmp_path / "a", "bad.zip", "not a valid .zip archive")
+    _assert_failed([server.pinned("bad.tar.gz")], tmp_path / "b", "bad.tar.gz", "not a valid .tar.gz archive")
+    short = server.pinned("short/train.zip")
+    _assert_failed([short], tmp_path / "c", short["url"], "the connection closed after")
 
 
 def test_an_unreachable_host_fails_with_the_url(tmp_path):
@@ -219,7 +233,7 @@ def test_an_unreachable_host_fails_with_the_url(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
     url = f"http://127.0.0.1:{port}/train.zip"
-    _assert_failed([url], tmp_path / "beans", url, "cannot reach the server")
+    _assert_failed([{"url": url, "sha256": "0" * 64}], tmp_path / "beans", url, "cannot reach the server")
 
 
 def _symlink(name: str, target: str) -> tarfile.TarInfo:
@@ -262,7 +276,7 @@ def test_the_same_file_from_two_archives_is_an_error(tmp_path):
     first = write_zip(str(tmp_path / "a.zip"), {"train/red/x.png": b"1"})
     second = write_tar(str(tmp_path / "b.tar"), {"train/red/x.png": b"2"}, mode="w")
     _assert_failed(
-        [first, second], tmp_path / "beans", "already extracted from an earlier archive", fix="duplicates"
+        [first, second], tmp_path / "beans", "'train/red/x.png' was already extracted", fix="duplicates"
     )
 
 
@@ -324,8 +338,12 @@ def test_download_config_errors_name_the_key(overrides, message):
 
 
 def test_download_list_parses_and_round_trips(tmp_path):
-    config = load_config(None, ["data.source=data/beans", "run_dir=r", "data.download=[a.zip, gs://b/c.tgz]"])
-    assert config.data.download == ["a.zip", "gs://b/c.tgz"]
+    pinned = {"url": "http://h/d.zip", "sha256": "ab" * 32}
+    config = load_config(
+        None,
+        ["data.source=data/beans", "run_dir=r", f"data.download=[a.zip, gs://b/c.tgz, {json.dumps(pinned)}]"],
+    )
+    assert config.data.download == ["a.zip", "gs://b/c.tgz", pinned]
     assert load_config(None, ["data.source=a", "run_dir=r"]).data.download == []
     path = tmp_path / "c.yaml"
     path.write_text(to_yaml(config))
@@ -345,10 +363,10 @@ def test_preprocess_stage_runs_on_a_downloaded_dataset(server, tmp_path):
     write_zip(os.path.join(server.root, "train.zip"), split_members("train", per_class=8))
     write_tar(os.path.join(server.root, "validation.tar.gz"), split_members("validation", per_class=2))
     write_zip(os.path.join(server.root, "test.zip"), split_members("test", per_class=2))
-    urls = ", ".join(server.url(n) for n in ("train.zip", "validation.tar.gz", "test.zip"))
+    download = server.flow("train.zip", "validation.tar.gz", "test.zip")
     source = str(tmp_path / "data" / "beans")
 
-    summary = run_stage(source, str(tmp_path / "run"), f"data.download=[{urls}]", "preprocess.num_shards=1")
+    summary = run_stage(source, str(tmp_path / "run"), download, "preprocess.num_shards=1")
 
     assert summary["status"] == "ok" and summary["layout"] == "split_folders"
     assert sorted(summary["classes"]) == ["blue", "red"]
