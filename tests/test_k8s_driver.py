@@ -611,3 +611,45 @@ def test_each_cluster_command_explains_itself(command, expected, capsys):
         assert text in out, text
     main_help = build_parser().format_help()
     assert command in main_help
+
+
+# -- a stage stuck past its deadline ---------------------------------------------------------------
+
+
+def test_a_stage_past_its_deadline_stops_the_run_with_its_pods_last_events():
+    waiting = views.JobState(views.PENDING, active=1, started="2026-12-05T01:00:00Z")
+    overdue = views.overdue(waiting, seconds=87000, limit=86400 + 600)
+    assert overdue.phase == views.FAILED and overdue.reason == "DeadlineExceeded"
+    assert (
+        overdue.message == "still waiting to start after 24h10m, over cluster.stage_timeout_seconds (24h10m)"
+    )
+    decision = driver.next_action("train", overdue, restarts=0, max_restarts=3)
+    assert decision.action == driver.STOP  # no new worker group helps a pod that cannot be scheduled
+
+    def event(pod, reason, message, at, count=1):
+        return {"involvedObject": {"kind": "Pod", "name": pod}, "reason": reason, "message": message,
+                "lastTimestamp": at, "count": count}  # fmt: skip
+
+    events = [
+        event("beans-train-1-b", "Pulled", "image pulled", "2026-12-05T01:00:03Z"),
+        event(
+            "beans-train-0-a",
+            "FailedScheduling",
+            "0/3 nodes: 3 Insufficient nvidia.com/gpu.",
+            "2026-12-05T02:00:00Z",
+            count=42,
+        ),  # fmt: skip
+        event("beans-train-0-a", "Scheduled", "never", "2026-12-05T00:59:00Z"),
+        event("beans-train-0-a", "NotTriggerScaleUp", "pod didn't trigger scale-up", "2026-12-05T01:30:00Z"),
+    ]
+    lines = views.last_events(events)
+    assert lines == [  # pods in the order their first event came, each with its last two
+        "beans-train-0-a: NotTriggerScaleUp: pod didn't trigger scale-up",
+        "beans-train-0-a: FailedScheduling: 0/3 nodes: 3 Insufficient nvidia.com/gpu. (x42)",
+        "beans-train-1-b: Pulled: image pulled",
+    ]
+    text = driver.failure_text(
+        f"{overdue.reason}: {overdue.message}", ["beans-train-0-a: still pending"], lines
+    )
+    assert text.startswith("DeadlineExceeded: still waiting to start after 24h10m")
+    assert text.endswith("; last events: " + "; ".join(lines))

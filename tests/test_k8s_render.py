@@ -77,6 +77,7 @@ def test_the_chosen_kubernetes_versions_are_bundled():
 def test_every_manifest_validates_strictly(version, variant):
     documents = _documents(_config(*VARIANTS[variant]))
     assert {d["kind"] for d in documents} == {
+        "Namespace",
         "ServiceAccount",
         "Role",
         "RoleBinding",
@@ -93,7 +94,7 @@ def test_every_manifest_validates_strictly(version, variant):
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_file_in_k8s_validates_strictly(version):
     files = sorted(K8S.rglob("*.yaml"))
-    assert len(files) == 17
+    assert len(files) == 18
     for path in files:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc["kind"] != "Kustomization":
@@ -167,7 +168,7 @@ def test_render_prints_every_manifest_and_out_writes_an_applicable_folder(tmp_pa
     ]
     base = [
         d
-        for name in ("rbac", "service")
+        for name in ("namespace", "rbac", "service")
         for d in yaml.safe_load_all((K8S / "base" / f"{name}.yaml").read_text())
     ]
     assert sorted(base + from_tree, key=_key) == sorted(printed, key=_key)
@@ -275,7 +276,8 @@ def test_every_job_has_a_deadline_and_the_driver_outlasts_its_stages():
     for stage, job in jobs.stage_jobs(config).items():
         assert job["spec"]["activeDeadlineSeconds"] == 7200, stage
     driver = jobs.driver_job(config)["spec"]["activeDeadlineSeconds"]
-    assert driver == 7200 * (3 + 2) + 3600 == jobs.driver_deadline(config)
+    # each stage Job's deadline plus the grace the driver gives it, for 3 Jobs and 2 restarts
+    assert driver == (7200 + jobs.DEADLINE_GRACE_SECONDS) * (3 + 2) + 3600 == jobs.driver_deadline(config)
     assert jobs.cron_job(config, SCHEDULE)["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] == driver
     with pytest.raises(ConfigError, match="cluster.stage_timeout_seconds: 10 must be between 60"):
         _config("cluster.stage_timeout_seconds=10")
@@ -344,6 +346,7 @@ def test_the_driver_has_only_namespaced_rights_to_run_stages():
         ("", "services"): {"get", "list", "watch", "create", "delete"},
         ("", "pods"): {"get", "list", "watch"},
         ("", "pods/log"): {"get"},
+        ("", "events"): {"list"},
     }
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -510,3 +513,16 @@ def test_the_dockerfile_matches_the_manifests():
     assert not {"setup.py", "constraints.txt", "pipeline", "components"} & set(ignored)
     assert "GOOGLE_APPLICATION_CREDENTIALS" not in dockerfile  # credentials come from the cluster
     assert f"MPLCONFIGDIR={manifests.SCRATCH_DIR}/" in dockerfile  # the root file system is read-only
+
+
+def test_the_namespace_is_labelled_restricted_and_not_applied_by_kustomize():
+    files = {f.name: f for f in render.manifest_files(_config())}
+    namespace = files["namespace.yaml"]
+    assert not namespace.applied and namespace.shared
+    (document,) = namespace.documents
+    labels = document["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert {labels[f"pod-security.kubernetes.io/{m}"] for m in ("audit", "warn")} == {"restricted"}
+    assert document["metadata"]["name"] == _config().cluster.namespace
+    rules = {r["resources"][0]: r["verbs"] for r in files["rbac.yaml"].documents[-2]["rules"]}
+    assert rules["events"] == ["list"]  # the driver reads a stuck pod's events, nothing more

@@ -138,7 +138,12 @@ class Cluster:
         if error.status == 403:
             return f"not allowed to {what} in namespace {self.namespace} ({self.where}): {message}"
         if error.status == 404 and "namespaces" in message:
-            return f"{message}: create it first (`kubectl create namespace {self.namespace}`)"
+            return (
+                f"{message}: create it first, labelled for the restricted Pod Security Standard: "
+                f"`kubectl apply -f namespace.yaml` from `finetune render --out DIR`, or `kubectl create "
+                f"namespace {self.namespace} && kubectl label namespace {self.namespace} "
+                "pod-security.kubernetes.io/enforce=restricted`"
+            )
         return f"cannot {what}: {error.status} {error.reason}: {message}"
 
     def _method(self, verb: str, kind: str) -> Callable[..., Any]:
@@ -232,6 +237,17 @@ class Cluster:
         """The pods Job ``job`` created (all attempts, oldest first)."""
         pods = self.list_pods(f"{JOB_NAME_LABEL}={job}")
         return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+
+    def pod_events(self, pods: list[str]) -> list[Manifest]:
+        """The events about pods ``pods`` that the API still keeps (about an hour), oldest first."""
+        found = self._call(
+            "list events",
+            self.core.list_namespaced_event,
+            self.namespace,
+            field_selector="involvedObject.kind=Pod",
+        )
+        events = [self.api.sanitize_for_serialization(e) for e in found.items]
+        return [e for e in events if (e.get("involvedObject") or {}).get("name") in set(pods)]
 
     def log_lines(self, pod: str, container: str, follow: bool = False) -> Iterator[str]:
         """The container's log, line by line; with ``follow`` until the container ends."""

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 from pipeline import code_version, storage, utc_now
 from pipeline.cluster import views
 from pipeline.cluster.client import Cluster, ClusterError
-from pipeline.cluster.jobs import stage_jobs
+from pipeline.cluster.jobs import DEADLINE_GRACE_SECONDS, stage_jobs
 from pipeline.cluster.manifests import check, worker_service
 from pipeline.cluster.views import FAILED, PENDING, RUNNING, SUCCEEDED, JobState, describe, job_state
 from pipeline.config import Config
@@ -263,14 +263,15 @@ def _run_stage(
     _say(f"{label}: running ({why}): Job {name}")
     started, restarts = time.perf_counter(), 0
     _start(config, cluster, manifest, key, label)
+    limit = config.cluster.stage_timeout_seconds + DEADLINE_GRACE_SECONDS  # a backstop to the Job's own
     while True:
-        state = _wait(cluster, name, label, poll)
+        state = _wait(cluster, name, label, poll, limit)
         decision = next_action(job_stage, state, restarts, config.cluster.backoff_limit)
         if decision.action == DONE:
             break
         pods = cluster.job_pods(name)
         if decision.action == STOP:
-            _fail(config, record, job_stage, pods, decision.why, started)
+            _fail(config, record, job_stage, pods, decision.why, started, _events(cluster, pods))
         restarts += 1
         record["stages"][job_stage]["restarts"] = restarts
         write_record(config, record)
@@ -304,10 +305,22 @@ def _start(config: Config, cluster: Cluster, manifest: dict, key: str, label: st
     cluster.create(manifest)
 
 
-def _wait(cluster: Cluster, name: str, label: str, poll: Poll) -> JobState:
+def _events(cluster: Cluster, pods: list) -> list[str]:
+    """The failed stage's pods' last events, for its record; none when they cannot be read
+    (a Role from before events were granted): the failure itself must still be recorded."""
+    try:
+        return views.last_events(cluster.pod_events([p["metadata"]["name"] for p in pods]))
+    except ClusterError as e:
+        _say(f"cannot read the pods' events ({e})")
+        return []
+
+
+def _wait(cluster: Cluster, name: str, label: str, poll: Poll, limit: float) -> JobState:
     """Polls Job ``name`` until it finishes, printing a line at each change (pods active, ready,
-    failed) and a heartbeat; survives an API server that does not answer for a while."""
+    failed) and a heartbeat; survives an API server that does not answer for a while. After
+    ``limit`` seconds it stops waiting: the Job's own deadline should have ended it by then."""
     pause, shown, since, failures = poll.first, "", time.monotonic(), 0
+    began = since
     while True:
         try:
             job = cluster.read("Job", name)
@@ -330,6 +343,8 @@ def _wait(cluster: Cluster, name: str, label: str, poll: Poll) -> JobState:
             since = now
         if state.phase in (SUCCEEDED, FAILED):
             return state
+        if now - began > limit:
+            return views.overdue(state, now - began, limit)
         time.sleep(pause)
         pause = min(pause * 1.5, poll.longest)
 
@@ -338,13 +353,15 @@ def _succeeded(pod: Mapping[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") == "Succeeded"
 
 
-def _fail(config: Config, record: dict, job_stage: str, pods: list, why: str, started: float) -> NoReturn:
-    """Records the failed run (the stage whose container failed, and what it said) and raises
-    the StageError that names it. ``started``: when the stage began (``time.perf_counter``)."""
+def _fail(
+    config: Config, record: dict, job_stage: str, pods: list, why: str, started: float, events: list[str]
+) -> NoReturn:
+    """Records the failed run (the stage whose container failed, what it said, its pods' last
+    events) and raises the StageError that names it. ``started``: when the stage began
+    (``time.perf_counter``)."""
     covered = _covered(config, job_stage)
     stage = views.failed_stage(pods, covered)
-    details = views.pod_failures(pods)
-    error = why + (": " + "; ".join(details[:3]) if details else "")
+    error = failure_text(why, views.pod_failures(pods), events)
     ran = {k: v for pod in pods for k, v in views.container_seconds(pod).items()}
     for name in covered:
         entry = record["stages"][name]
@@ -356,6 +373,12 @@ def _fail(config: Config, record: dict, job_stage: str, pods: list, why: str, st
             entry.update(status="pending", reason=f"{stage} failed")
     seconds = views.seconds_between(record["started"], utc_now()) or 0.0
     raise failed_run(config, record, stage, error, seconds, "submit again")
+
+
+def failure_text(why: str, failures: list[str], events: list[str]) -> str:
+    """A failed stage in one line: why the Job failed, its pods' failures, their last events (pure)."""
+    text = why + (": " + "; ".join(failures[:3]) if failures else "")
+    return text + ("; last events: " + "; ".join(events[-4:]) if events else "")
 
 
 def _summary(config: Config, record: dict[str, Any]) -> None:

@@ -35,6 +35,9 @@ from pipeline.cluster.manifests import (
 )
 from pipeline.config import Config
 
+# The driver stops waiting for a stage Job this long after the Job's own activeDeadlineSeconds
+# (cluster.stage_timeout_seconds), should the Job controller not have ended it by then.
+DEADLINE_GRACE_SECONDS = 600
 POD_NAMESPACE = {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
 LOCKED_DOWN = {
     "allowPrivilegeEscalation": False,
@@ -211,10 +214,12 @@ def driver_job(config: Config, scheduled: bool = False) -> Manifest:
 
 
 def driver_deadline(config: Config) -> int:
-    """The driver Job's ``activeDeadlineSeconds``: every stage Job at its deadline, the worker
-    group recreated ``cluster.backoff_limit`` times, and an hour for the driver's own work."""
+    """The driver Job's ``activeDeadlineSeconds``: every stage Job at its deadline (plus the
+    grace the driver gives it), the worker group recreated ``cluster.backoff_limit`` times,
+    and an hour for the driver's own work."""
     c = config.cluster
-    return c.stage_timeout_seconds * (len(stage_jobs(config)) + c.backoff_limit) + 3600
+    per_job = c.stage_timeout_seconds + DEADLINE_GRACE_SECONDS
+    return per_job * (len(stage_jobs(config)) + c.backoff_limit) + 3600
 
 
 def cron_job(config: Config, schedule: str) -> Manifest:

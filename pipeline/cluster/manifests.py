@@ -141,9 +141,28 @@ def service_accounts(config: Config) -> list[Manifest]:
     ]
 
 
+# Pod Security admission labels: pods that break the restricted standard are refused (enforce),
+# and reported (warn, audit). Every pod this package renders meets it (tests/test_k8s_render.py).
+POD_SECURITY_LABELS = {
+    f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "audit", "warn")
+} | {f"pod-security.kubernetes.io/{mode}-version": "latest" for mode in ("enforce", "audit", "warn")}
+
+
+def namespace(config: Config) -> Manifest:
+    """The run's namespace, labelled for the ``restricted`` Pod Security Standard. Not applied
+    by ``kubectl apply -k`` (that would relabel a namespace shared with other workloads):
+    apply it once, when creating the namespace."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": config.cluster.namespace, "labels": dict(POD_SECURITY_LABELS)},
+    }
+
+
 def driver_role(config: Config) -> list[Manifest]:
     """The driver's least rights, in its namespace only: create, watch and delete Jobs (a
-    failed worker group is deleted and created again) and Services, follow pods and logs."""
+    failed worker group is deleted and created again) and Services, follow pods and logs,
+    list events (a failed stage's record names its pods' last events)."""
     name = resource_name(config, "driver")
     watch = ["get", "list", "watch"]
     rules = [
@@ -151,6 +170,7 @@ def driver_role(config: Config) -> list[Manifest]:
         {"apiGroups": [""], "resources": ["services"], "verbs": [*watch, "create", "delete"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": watch},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},  # why a stuck pod is stuck
     ]
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",

@@ -27,6 +27,7 @@ from pipeline.cluster.manifests import (
     check,
     config_map,
     driver_role,
+    namespace,
     service_accounts,
     with_cluster,
     worker_service,
@@ -66,6 +67,14 @@ def manifest_files(config: Config, schedule: str | None = None) -> list[Manifest
     check(config, schedule)
     by_hand = "Created by the driver; apply it by hand only to run this stage alone."
     files = [
+        ManifestFile(
+            "namespace.yaml",
+            "The namespace, labelled for the restricted Pod Security Standard: `kubectl apply -f` it once "
+            "to create the namespace (not part of the kustomization, which would relabel a shared one).",
+            (namespace(config),),
+            applied=False,
+            shared=True,
+        ),
         ManifestFile(
             "rbac.yaml",
             "Service accounts of the driver and the stages; the driver's Role, in its namespace only.",

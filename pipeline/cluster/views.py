@@ -176,6 +176,43 @@ def _pending_reason(status: Obj) -> str:
     return ""
 
 
+def last_events(events: Iterable[Obj], per_pod: int = 2) -> list[str]:
+    """The last ``per_pod`` events of each pod, oldest pod first: ``pod: Reason: message``
+    (repeats counted), what ``kubectl describe pod`` ends with (pure)."""
+    by_pod: dict[str, list[Obj]] = {}
+    for event in sorted(events, key=_event_time):
+        by_pod.setdefault((event.get("involvedObject") or {}).get("name", "?"), []).append(event)
+    lines = []
+    for pod, found in by_pod.items():
+        for event in found[-per_pod:]:
+            count = event.get("count") or 1
+            times = f" (x{count})" if count > 1 else ""
+            lines.append(
+                f"{pod}: {event.get('reason') or '?'}: {(event.get('message') or '').strip()}{times}"
+            )
+    return lines
+
+
+def _event_time(event: Obj) -> str:
+    return event.get("lastTimestamp") or event.get("eventTime") or _created(event)
+
+
+def overdue(state: JobState, seconds: float, limit: float) -> JobState:
+    """A Job the driver stops waiting for: still ``state`` after ``seconds``, over ``limit``
+    (the Job's own deadline plus a grace the Job controller did not act in) (pure)."""
+    return JobState(
+        FAILED,
+        "DeadlineExceeded",
+        f"still {describe(state)} after {duration(seconds)}, over cluster.stage_timeout_seconds "
+        f"({duration(limit)})",
+        active=state.active,
+        ready=state.ready,
+        succeeded=state.succeeded,
+        failed=state.failed,
+        started=state.started,
+    )
+
+
 def _created(obj: Obj) -> str:
     return obj.get("metadata", {}).get("creationTimestamp") or ""
 
