@@ -11,19 +11,12 @@ An entry is a URL or ``{url: ..., sha256: <64 hex>}``: a pinned digest must matc
 anything is extracted. Plain http:// needs one (the config refuses it without), and so does
 an https:// download that is redirected to http://.
 
-Archives are untrusted. Only regular files and folders are extracted: a symbolic or hard
-link, device, FIFO or other special member (or an encrypted one) fails the whole download
-before anything is written, so no path ever leads through a link (tarfile's ``data`` filter
-trusts ``os.path.realpath``, which CVE-2025-4517 defeats). Names are checked as text: no
-absolute path, drive letter, ``..``, backslash, control character or undecodable byte;
-components up to 255 bytes, names up to 1024. This module writes each file (``open(...,
-"xb")``; the archive's modes, owners and times are ignored). ``data.download_limits`` bound
-the bytes written (``max_total_mb`` in all; a download stops there too), each archive's
-expansion over its size (``max_ratio``, an archive under 1 MiB counting as 1 MiB) and the
-members (``max_members`` in all), counting real bytes, not headers (tar headers, which lay
-out the stream, are checked first too). Members keep their paths (the iBean ``train.zip``
-holds ``train/<class>/<image>``); macOS metadata (``__MACOSX/``, ``.DS_Store``) is skipped; a
-path that an earlier member or archive wrote is an error.
+Archives are untrusted: ``pipeline.archives`` checks every member before writing any (only
+regular files and folders with plain names) and bounds what they write by
+``data.download_limits`` (``max_total_mb`` in all, where a download also stops; ``max_ratio``
+per archive; ``max_members``). Members keep their paths (the iBean ``train.zip`` holds
+``train/<class>/<image>``); macOS metadata (``__MACOSX/``, ``.DS_Store``) is skipped; a path
+that an earlier member or archive wrote is an error.
 
 One download per ``data.source`` at a time: two processes filling the same folder at once
 share the temporary folder.
@@ -36,20 +29,16 @@ import hashlib
 import os
 import re
 import shutil
-import stat
 import sys
-import tarfile
 import time
-import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+from pipeline.archives import Budget, extract, failure, over
 from pipeline.errors import StageError
 
 if TYPE_CHECKING:
@@ -60,24 +49,8 @@ DOWNLOAD_SCHEMES = ("", "https", "http", "gs")  # "": a local path
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 PROGRESS_SECONDS = 3.0  # at most one progress line per archive this often
 TIMEOUT_SECONDS = 60.0  # per connect or read, not for the whole download
-MAX_NAME_BYTES = 1024  # a member's whole path, UTF-8
-MAX_COMPONENT_BYTES = 255  # one folder or file name (NAME_MAX)
-RATIO_FLOOR_BYTES = 2**20  # max_ratio counts a smaller archive as this large
-_MIB = 2**20
 _CHUNK = 1024 * 1024
-_SKIPPED_FOLDERS = ("__MACOSX",)
-_SKIPPED_FILES = (".DS_Store",)
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-_REFUSED = "only regular files and folders are extracted"
-# Refused member kinds, by stat.filemode's letter; tar types map to the same letters.
-_KINDS = {"l": "symbolic link", "h": "hard link", "c": "character device", "b": "block device", "p": "FIFO"}
-_TAR_LETTERS = dict(
-    zip(
-        (tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE),
-        "lhcbp",
-        strict=True,
-    )
-)
 
 
 @dataclass(frozen=True)
@@ -156,13 +129,13 @@ def fill_source(
     shutil.rmtree(work, ignore_errors=True)  # a failed or killed earlier run: start over
     tree = os.path.join(work, "tree")
     os.makedirs(tree)
-    budget = _Budget(limits)
+    budget = Budget(limits)
     try:
         _log(f"{source} is missing or empty: fetching {len(archives)} archive(s)")
         for archive in archives:
             with _fetched(archive, work, budget.max_bytes) as path:
                 _check_digest(path, archive)
-                _extract(path, archive.url, tree, budget)
+                extract(path, archive_suffix(archive.url), archive.url, tree, budget)
         count = _place(tree, destination, source)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -179,15 +152,6 @@ def _holds_files(path: str) -> bool:
 
 def _log(message: str) -> None:
     print(f"[download] {message}", file=sys.stderr, flush=True)
-
-
-def _failure(url: str, why: str) -> StageError:
-    """The error for a URL that could not be used, with what to do about it."""
-    return StageError(
-        f"data.download: {url}: {why}. Check the URL and the network and run again, or download "
-        "and extract the archives yourself and set data.source to that folder (data.download is "
-        "only used while data.source is missing or empty)."
-    )
 
 
 @contextlib.contextmanager
@@ -209,11 +173,11 @@ def _fetched(archive: Archive, work: str, max_bytes: int) -> Iterator[str]:
         try:
             path = stack.enter_context(storage.local_copy(url))
         except FileNotFoundError:
-            raise _failure(url, "no such file") from None
+            raise failure(url, "no such file") from None
         except Exception as exc:  # the GCS client's own errors are not OSErrors
-            raise _failure(url, f"could not read it ({type(exc).__name__}: {exc})") from None
+            raise failure(url, f"could not read it ({type(exc).__name__}: {exc})") from None
         if not os.path.isfile(path):
-            raise _failure(url, "no such file")
+            raise failure(url, "no such file")
         yield path
 
 
@@ -234,7 +198,7 @@ def _http_download(archive: Archive, path: str, max_bytes: int) -> None:
     """Streams the archive into ``path``, printing progress; raises StageError on any failure."""
     url = archive.url
     if url_scheme(url) == "http" and not archive.sha256:
-        raise _failure(url, "http:// is refused without a sha256 digest (use https://)")
+        raise failure(url, "http:// is refused without a sha256 digest (use https://)")
     opener = urllib.request.build_opener(_PinnedRedirects(bool(archive.sha256)))
     request = urllib.request.Request(url, headers={"User-Agent": "finetune-pipeline"})
     try:
@@ -243,15 +207,15 @@ def _http_download(archive: Archive, path: str, max_bytes: int) -> None:
             with open(path, "wb") as out:
                 received = _copy_with_progress(response, out, _display_name(url), total, max_bytes)
     except urllib.error.HTTPError as exc:
-        raise _failure(url, f"the server answered HTTP {exc.code} {exc.reason}") from None
+        raise failure(url, f"the server answered HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
-        raise _failure(url, f"cannot reach the server ({exc.reason})") from None
+        raise failure(url, f"cannot reach the server ({exc.reason})") from None
     except (OSError, ValueError) as exc:  # timeouts, resets, http.client errors
-        raise _failure(url, f"the download failed ({type(exc).__name__}: {exc})") from None
+        raise failure(url, f"the download failed ({type(exc).__name__}: {exc})") from None
     if received > max_bytes:
-        raise _over(url, f"the archive is larger than {max_bytes // _MIB} MiB", "max_total_mb")
+        raise over(url, f"the archive is larger than {max_bytes // 2**20} MiB", "max_total_mb")
     if total >= 0 and received != total:
-        raise _failure(url, f"the connection closed after {received} of {total} bytes")
+        raise failure(url, f"the connection closed after {received} of {total} bytes")
 
 
 def _display_name(url: str) -> str:
@@ -289,172 +253,6 @@ def _check_digest(path: str, archive: Archive) -> None:
             "Nothing was extracted. The archive is not the pinned one (changed upstream, truncated or "
             "tampered with): check where it comes from before updating the sha256 in data.download."
         )
-
-
-class _Budget:
-    """What the archives of one download have written, against ``data.download_limits``."""
-
-    def __init__(self, limits: DownloadLimitsConfig) -> None:
-        self.limits, self.max_bytes = limits, limits.max_total_mb * _MIB
-        self.members = self.written = self.expanded = self.size = 0
-        self.url = ""
-
-    def start(self, url: str, size: int) -> None:
-        """Begins counting ``max_ratio`` for an archive of ``size`` bytes."""
-        self.url, self.size, self.expanded = url, size, 0
-
-    def member(self) -> None:
-        self.members += 1
-        if self.members > self.limits.max_members:
-            raise _over(self.url, f"more than {self.limits.max_members} members", "max_members")
-
-    def check(self, total: int, expanded: int) -> None:
-        """Raises when ``total`` bytes in all, or ``expanded`` from this archive, are too many."""
-        if total > self.max_bytes:
-            reached = f"{total / _MIB:.1f} MiB"
-            raise _over(
-                self.url, f"more than {self.limits.max_total_mb} MiB in all ({reached})", "max_total_mb"
-            )
-        if expanded > self.limits.max_ratio * max(self.size, RATIO_FLOOR_BYTES):
-            reached = f"{expanded / _MIB:.1f} MiB from a {self.size / _MIB:.3f} MiB archive"
-            why = f"expands more than {self.limits.max_ratio} times its size ({reached})"
-            raise _over(self.url, why, "max_ratio")
-
-    def add(self, count: int) -> None:
-        """Counts ``count`` bytes about to be written (raises first when they are too many)."""
-        self.check(self.written + count, self.expanded + count)
-        self.written, self.expanded = self.written + count, self.expanded + count
-
-
-def _over(url: str, why: str, key: str) -> StageError:
-    return StageError(
-        f"data.download: {url}: {why}, over data.download_limits.{key}. Nothing was placed in "
-        f"data.source; raise data.download_limits.{key} if the archive is expected to be this large."
-    )
-
-
-def _extract(archive: str, url: str, root: str, budget: _Budget) -> None:
-    """Extracts a .zip or tar archive into ``root``: every member is checked (:func:`_plan`)
-    before any is written, then regular files are streamed into new files (no
-    ``tarfile.extract``: the archive's modes, owners and times are ignored, never setuid).
-
-    Raises:
-        StageError: the archive is corrupt, a member is unsafe or already extracted, or a
-            limit is reached.
-    """
-    suffix = archive_suffix(url)
-    budget.start(url, os.path.getsize(archive))
-    try:
-        with _opened(archive, suffix, budget) as (entries, open_member):
-            for relative, is_dir, member in _plan(entries, url, budget):
-                path = os.path.join(root, relative)
-                os.makedirs(path if is_dir else os.path.dirname(path), exist_ok=True)
-                if not is_dir:
-                    with open_member(member) as source, open(path, "xb") as out:
-                        while chunk := source.read(_CHUNK):
-                            budget.add(len(chunk))  # the bytes read, never a header's size
-                            out.write(chunk)
-    except StageError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
-        raise _failure(url, f"not a valid {suffix} archive ({exc}); the file may be truncated") from None
-    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
-        raise StageError(
-            f"data.download: {url}: '{_shown(os.path.relpath(exc.filename or '', root))}' was already "
-            "extracted from this or an earlier archive; each path may come from one member only "
-            "(check data.download for duplicates)."
-        ) from None
-    except (OSError, RuntimeError, NotImplementedError) as exc:  # disk full, ...
-        raise _failure(url, f"could not extract it ({exc})") from None
-
-
-def _unsafe(url: str, member: str, why: str) -> StageError:
-    return StageError(
-        f"data.download: {url}: unsafe archive member '{_shown(member)}': {why}. Nothing was "
-        "extracted; check where the archive comes from, or extract it yourself and set data.source."
-    )
-
-
-def _shown(name: str) -> str:
-    """``name`` safe to print: escaped when it holds control characters, cut when long."""
-    text = name if name.isprintable() else ascii(name)[1:-1]
-    return text if len(text) <= 300 else text[:300] + "..."
-
-
-def name_problem(name: str) -> str:
-    """Why member ``name`` cannot be written under the extraction folder, or ``""``.
-
-    Purely lexical (no ``realpath``, no file system): links are never extracted, so a name
-    that passes stays inside the folder.
-    """
-    if any(unicodedata.category(c) == "Cs" for c in name):
-        return "a name that is not valid UTF-8"
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        return "a control character in the name"
-    if "\\" in name:
-        return "a backslash in the name (a Windows separator, or a trick)"
-    if name.startswith("/") or re.match(r"^[a-zA-Z]:", name):
-        return "absolute path"
-    parts = name.split("/")
-    if ".." in parts:
-        return "'..' path component"
-    if len(name.encode()) > MAX_NAME_BYTES:
-        return f"a name longer than {MAX_NAME_BYTES} bytes"
-    if any(len(p.encode()) > MAX_COMPONENT_BYTES for p in parts):
-        return f"a path component longer than {MAX_COMPONENT_BYTES} bytes"
-    return ""
-
-
-def _plan(entries: Iterable[tuple[str, str, Any]], url: str, budget: _Budget) -> list[tuple[str, bool, Any]]:
-    """Checks every member before any is written: ``(name, kind, ref)`` with kind ``file``,
-    ``dir`` or why it is refused; returns ``(relative path, is_dir, ref)`` to extract."""
-    plan = []
-    for name, kind, ref in entries:
-        budget.member()
-        why = name_problem(name) or ("" if kind in ("file", "dir") else f"{kind} ({_REFUSED})")
-        parts = [p for p in name.split("/") if p not in ("", ".")]
-        if why or (kind == "file" and not parts):
-            raise _unsafe(url, name, why or "no file name")
-        skipped = parts and (parts[0] in _SKIPPED_FOLDERS or parts[-1] in _SKIPPED_FILES)
-        if not skipped:
-            plan.append((os.path.join(*parts) if parts else "", kind == "dir", ref))
-    return plan
-
-
-def _zip_kind(info: zipfile.ZipInfo) -> str:
-    mode = info.external_attr >> 16
-    if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-        return _KINDS.get(stat.filemode(mode)[0], "special file")
-    if info.flag_bits & 0x1:
-        return "an encrypted member"
-    return "dir" if info.is_dir() or stat.S_ISDIR(mode) else "file"
-
-
-def _tar_entries(tf: tarfile.TarFile, budget: _Budget) -> Iterator[tuple[str, str, Any]]:
-    """Members with their kind; the sizes in tar headers lay out the stream, so they are
-    checked against the limits here, before anything is written."""
-    declared = 0
-    for info in tf:
-        if info.isreg():
-            declared += info.size
-            budget.check(budget.written + declared, declared)
-        kind = (
-            "file" if info.isreg() else "dir" if info.isdir() else _KINDS.get(_TAR_LETTERS.get(info.type, ""))
-        )
-        yield info.name, kind or f"tar type {info.type!r}", info
-
-
-@contextlib.contextmanager
-def _opened(
-    archive: str, suffix: str, budget: _Budget
-) -> Iterator[tuple[Iterator[Any], Callable[[Any], Any]]]:
-    """The members of a zip or tar archive as ``(name, kind, member)``, and their reader."""
-    if suffix == ".zip":
-        with zipfile.ZipFile(archive) as zf:
-            yield ((m.filename, _zip_kind(m), m) for m in zf.infolist()), zf.open
-    else:
-        with tarfile.open(archive, "r:*") as tf:
-            yield _tar_entries(tf, budget), tf.extractfile
 
 
 def _place(tree: str, destination: str, source: str) -> int:
