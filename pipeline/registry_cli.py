@@ -14,12 +14,15 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-HELP = "list versions, show one, promote / roll back aliases, history, TF Serving models.config"
+HELP = "list versions, show one, promote / roll back aliases, history, models.config, fsck, gc"
 DESCRIPTION = """\
 The serving registry at registry.uri (a local directory or gs:// prefix) in TensorFlow
 Serving's layout: <uri>/<name>/<version>/saved_model.pb, so a server can watch it directly.
 Aliases (production, staging, any name) point at versions and move by compare-and-swap; every
-move is kept in a history that is never rewritten.
+move is kept in a history that is never rewritten. A version counts once it is complete: its
+commit record and its saved_model.pb. fsck finishes or quarantines what a killed push left; gc
+removes dead claims and staging folders. Run both while no push is running: anything younger
+than --grace-hours is left alone.
 
 examples:
   finetune registry list --registry registry
@@ -28,6 +31,8 @@ examples:
   finetune registry rollback beans --alias production
   finetune registry history beans
   finetune registry serving-config --registry gs://bucket/registry --out models.config
+  finetune registry fsck --registry registry --dry-run
+  finetune registry gc beans --registry registry --grace-hours 48
 """
 
 
@@ -71,6 +76,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="where the server sees the registry (default: its URI)",
     )
+    _add_maintenance(cmds, where)
+
+
+def _add_maintenance(cmds: argparse._SubParsersAction, where: argparse.ArgumentParser) -> None:
+    """``fsck`` and ``gc``: the same arguments, both safe to re-run."""
+    for command, text in (
+        ("fsck", "complete or quarantine versions that killed pushes left unfinished"),
+        ("gc", "remove dead claims, staging folders and fingerprint claims"),
+    ):
+        p = cmds.add_parser(command, parents=[where], help=text)
+        p.add_argument("names", nargs="*", metavar="NAME", help="models to check (default: all)")
+        p.add_argument(
+            "--grace-hours",
+            type=float,
+            default=24.0,
+            metavar="H",
+            help="leave alone what is younger (a push may still be running; default: 24)",
+        )
+        p.add_argument("--dry-run", action="store_true", help="print what would be done; change nothing")
 
 
 def registry_uri(args: argparse.Namespace) -> str:
@@ -116,7 +140,26 @@ def main(args: argparse.Namespace) -> int:
         _history(registry, uri, args.name, args.alias, args.json)
     elif command == "serving-config":
         _serving_config(registry, uri, args.names, args.out, args.base_path)
+    elif command in ("fsck", "gc"):
+        _maintain(registry, uri, command, args.names, args.grace_hours, args.dry_run)
     return 0
+
+
+def _maintain(registry: Any, uri: str, command: str, names: list[str], grace: float, dry_run: bool) -> None:
+    """``fsck`` or ``gc`` of each model: one line per thing done or left alone."""
+    from components import registry_maintenance
+
+    if not 0 <= grace <= 1e6:  # also refuses nan and inf
+        raise ConfigError(f"--grace-hours {grace}: must be a number of hours, 0 or more")
+    run = getattr(registry_maintenance, command)
+    names = [registry.check_name(n) for n in names] or registry.model_names(uri)
+    changed = 0
+    for name in names:
+        for action in run(uri, name, grace_hours=grace, dry_run=dry_run):
+            print(f"{name}: {action.line(dry_run)}")
+            changed += action.apply is not None
+    verb = "would change" if dry_run else "changed"
+    print(f"{command}: {verb} {changed} thing(s) in {len(names)} model(s) of {uri}")
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -145,21 +188,24 @@ def _list(registry: Any, uri: str, name: str | None, as_json: bool) -> None:
         return
     records = registry.versions(uri, name)
     aliases = registry.aliases_of(uri, name)
+    for r in records:
+        r["complete"] = registry.is_complete(uri, name, r["version"])
     if as_json:
         print(json.dumps({"name": name, "versions": records, "aliases": aliases}, indent=2))
         return
     rows = []
     for r in records:
-        v = r.get("verdict") or {}
+        v = r.get("verdict") if isinstance(r.get("verdict"), dict) else {}
         at = [a for a, n in aliases.items() if n == r["version"]]
         rows.append([r["version"], r.get("created"), v.get("metric"), _num(v.get("candidate")),
-                     _num(v.get("baseline")), ",".join(sorted(at)) or None, r.get("source_run")])  # fmt: skip
-    header = ["VERSION", "CREATED", "METRIC", "CANDIDATE", "BASELINE", "ALIASES", "SOURCE RUN"]
+                     _num(v.get("baseline")), ",".join(sorted(at)) or None,
+                     "ok" if r["complete"] else "INCOMPLETE", r.get("source_run")])  # fmt: skip
+    header = ["VERSION", "CREATED", "METRIC", "CANDIDATE", "BASELINE", "ALIASES", "STATE", "SOURCE RUN"]
     print(_table(rows, header) if rows else f"'{name}' has no committed versions in {uri}")
 
 
 def _num(value: Any) -> str | None:
-    return None if value is None else f"{float(value):.4f}"
+    return f"{float(value):.4f}" if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _aliases(aliases: dict[str, int]) -> str:
@@ -184,7 +230,7 @@ def _show(registry: Any, uri: str, name: str, version: int | None, as_json: bool
 
 
 def _history(registry: Any, uri: str, name: str, alias: str | None, as_json: bool) -> None:
-    moves = registry.alias_history(uri, name, alias) if alias else registry.history(uri, name)
+    moves = registry.history(uri, name) if alias is None else registry.alias_history(uri, name, alias)
     if as_json:
         print(json.dumps([m.to_dict() for m in moves], indent=2))
         return

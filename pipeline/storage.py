@@ -312,6 +312,33 @@ def create_exclusive(uri: str, data: bytes) -> None:
         os.remove(tmp)
 
 
+def delete_file(uri: str) -> None:
+    """Deletes one file; a missing one is fine. On GCS a single object delete through
+    google-cloud-storage (no batch request), the client :func:`create_exclusive` uses."""
+    if is_gcs(uri):
+        from google.api_core.exceptions import NotFound
+
+        with contextlib.suppress(NotFound):
+            _gcs_blob(uri).delete()
+        return
+    if not _is_local(uri):
+        FileSystems.delete([uri])
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(uri)
+
+
+def modified(uri: str) -> float:
+    """When a file (or, locally, a folder) was last written, in seconds since the epoch.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+    """
+    if _is_local(uri):
+        return os.stat(uri).st_mtime
+    return FileSystems.last_updated(uri)
+
+
 def delete_tree(prefix: str) -> None:
     """Deletes a file, or everything under a directory/prefix; a missing one is fine.
 

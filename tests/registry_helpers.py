@@ -131,3 +131,29 @@ def fake_gcs_prefix(fake_gcs_server: tuple[str, str], monkeypatch: pytest.Monkey
     bucket = f"registry-{uuid.uuid4().hex[:12]}"
     storage.Client(project="fake-project", credentials=AnonymousCredentials()).create_bucket(bucket)
     return f"gs://{bucket}/registry"
+
+
+def loadable_versions(reg: str, name: str) -> list[int]:
+    """What a TF Serving file-system poller would load: integer folders with saved_model.pb."""
+    from components import registry
+    from pipeline import storage
+
+    found = set()
+    base = registry.model_uri(reg, name)
+    for info in storage.list_files(base):
+        parts = registry.relative(info.uri, base)
+        if parts[0].isdigit() and parts[1:] == [registry.SAVED_MODEL_PB]:
+            found.add(int(parts[0]))
+    return sorted(found)
+
+
+def loadable_but_uncommitted(reg: str, name: str) -> list[int]:
+    """The invariant the push keeps: TF Serving never sees a version without a commit record."""
+    from components import registry
+    from pipeline import storage
+
+    return [
+        v
+        for v in loadable_versions(reg, name)
+        if not storage.exists(registry.meta_uri(reg, name, "versions", f"{v}.json"))
+    ]

@@ -113,7 +113,7 @@ def test_promote_refuses_missing_or_incomplete_versions(reg: str) -> None:
         registry.promote(reg, NAME, "production", 9)
     claimed = registry.claim_version(reg, NAME, {})
     registry.commit_version(reg, NAME, claimed, {})  # committed, but no saved_model.pb
-    with pytest.raises(StageError, match="no saved_model.pb"):
+    with pytest.raises(StageError, match=f"version {claimed} of 'beans' is not complete.*no saved_model.pb"):
         registry.promote(reg, NAME, "production", claimed)
 
 
@@ -122,7 +122,7 @@ def test_racing_promotions_have_exactly_one_winner(reg: str, monkeypatch: pytest
     registry.promote(reg, NAME, "production", versions[0])
     # Every racer reads the history, then all write at once: the real race, made certain.
     barrier = threading.Barrier(3)
-    real = registry.alias_history
+    real = registry._alias_log  # the one read that promote's compare-and-swap is based on
     waited: set[int] = set()
 
     def read_then_wait(*args):
@@ -132,7 +132,7 @@ def test_racing_promotions_have_exactly_one_winner(reg: str, monkeypatch: pytest
             barrier.wait(timeout=30)
         return moves
 
-    monkeypatch.setattr(registry, "alias_history", read_then_wait)
+    monkeypatch.setattr(registry, "_alias_log", read_then_wait)
     outcomes: dict[int, object] = {}
 
     def promote(version: int) -> None:
@@ -146,7 +146,7 @@ def test_racing_promotions_have_exactly_one_winner(reg: str, monkeypatch: pytest
         t.start()
     for t in threads:
         t.join()
-    monkeypatch.setattr(registry, "alias_history", real)
+    monkeypatch.setattr(registry, "_alias_log", real)
     winners = [v for v, o in outcomes.items() if isinstance(o, registry.AliasMove)]
     losers = [o for o in outcomes.values() if isinstance(o, registry.AliasConflict)]
     assert len(winners) == 1 and len(losers) == 2, outcomes

@@ -119,23 +119,47 @@ def _check_request(model: Any, request: predict_pb2.PredictRequest, labels: list
 def models_config(registry_uri: str, names: list[str], base_path: str = "") -> str:
     """TF Serving's ``models.config`` (text proto) for ``names`` in a registry.
 
-    Each model serves its aliased versions and its newest version (``specific`` policy:
-    TF Serving only labels versions it has loaded), with one ``version_labels`` entry per
-    alias. ``base_path`` replaces ``registry_uri`` in the paths, for a server that mounts
+    Each model serves its aliased versions and its newest complete version (``specific``
+    policy: TF Serving only labels versions it has loaded), with one ``version_labels`` entry
+    per alias. ``base_path`` replaces ``registry_uri`` in the paths, for a server that mounts
     the registry elsewhere (e.g. ``/models``).
+
+    A committed version that is not complete (a killed push; see ``finetune registry fsck``)
+    is never pinned: as the newest it is skipped with a warning, since the newest is only a
+    default; an alias that points at one is an error, since clients ask for that alias by
+    name and a config without it would silently drop it (or make the server wait forever).
+
+    Raises:
+        StageError: an alias points at a version that is not complete (nothing is written).
     """
     config = model_server_config_pb2.ModelServerConfig()
     for name in names:
-        committed = [int(r["version"]) for r in registry.versions(registry_uri, name)]
-        if not committed:
-            continue
+        complete = _complete_versions(registry_uri, name)
         labels = registry.aliases_of(registry_uri, name)
+        for alias, version in sorted(labels.items()):
+            if version not in complete:
+                registry.check_complete(registry_uri, name, version, f"serve alias '{alias}'")
+        if not complete:
+            continue
         entry = config.model_config_list.config.add()
         entry.name = name
         root = base_path or registry_uri
         entry.base_path = registry.model_uri(root if "://" in root else os.path.abspath(root), name)
         entry.model_platform = "tensorflow"
-        entry.model_version_policy.specific.versions.extend(sorted({*labels.values(), max(committed)}))
+        entry.model_version_policy.specific.versions.extend(sorted({*labels.values(), max(complete)}))
         for alias, version in sorted(labels.items()):
             entry.version_labels[alias] = version
     return text_format.MessageToString(config)
+
+
+def _complete_versions(registry_uri: str, name: str) -> set[int]:
+    """The committed versions of ``name`` that are complete; a warning for each that is not."""
+    complete = set()
+    for record in registry.versions(registry_uri, name):
+        version = int(record["version"])
+        missing = registry.missing_parts(registry_uri, name, version)
+        if missing:
+            registry.warn(f"version {version} of '{name}' is not served: {'; '.join(missing)}")
+        else:
+            complete.add(version)
+    return complete
