@@ -383,7 +383,7 @@ def resolved_image_size(config: Config) -> int:
 def validate(config: Config) -> Config:
     """Checks every value; returns the config unchanged or raises one error listing all."""
     problems: list[str] = []
-    if not _NAME_RE.match(config.name):
+    if not _NAME_RE.fullmatch(config.name):
         problems.append(
             f"name: '{config.name}' must be 1-63 lowercase letters, digits or '-', starting "
             "and ending with a letter or digit (it names registry entries and Kubernetes Jobs)"
@@ -659,7 +659,7 @@ def _validate_evaluate(config: Config) -> list[str]:
         ("registry.production_alias", config.registry.production_alias),
         ("registry.promote_to", config.registry.promote_to),
     ):
-        if alias and not ALIAS_RE.match(alias):
+        if alias and not ALIAS_RE.fullmatch(alias):
             problems.append(
                 f"{key}: '{alias}' must be 1-63 lowercase letters, digits, '-' or '_', starting "
                 "with a letter (e.g. production, staging)"
@@ -700,7 +700,7 @@ def _validate_cluster(c: ClusterConfig) -> list[str]:
             ("stage_timeout_seconds", c.stage_timeout_seconds, 60, 10**7),
         ),
     )
-    if not _NAME_RE.match(c.namespace):
+    if not _NAME_RE.fullmatch(c.namespace):
         problems.append(
             f"cluster.namespace: '{c.namespace}' must be 1-63 lowercase letters, digits or '-', "
             "starting and ending with a letter or digit"

@@ -31,11 +31,9 @@ Writes ``<run_dir>/push/summary.json``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -44,7 +42,7 @@ from components import registry
 from components import registry_maintenance as maintenance
 from components.evaluate import export
 from components.push import serving
-from pipeline import code_version, outputs, storage, utc_now
+from pipeline import code_version, outputs, scratch, storage, utc_now
 from pipeline.config import Config
 from pipeline.errors import StageError
 
@@ -100,18 +98,9 @@ def _read_verdict(run_dir: str) -> dict[str, Any]:
 
 
 def export_fingerprint(saved_model_dir: str) -> str:
-    """SHA-256 over every file of a local SavedModel folder (relative names and bytes)."""
-    digest = hashlib.sha256()
-    for root, dirs, names in os.walk(saved_model_dir):
-        dirs.sort()
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            digest.update(os.path.relpath(path, saved_model_dir).replace(os.sep, "/").encode() + b"\0")
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-            digest.update(b"\0")
-    return "sha256:" + digest.hexdigest()
+    """The export's content fingerprint (``export.content_fingerprint``): what evaluate
+    recorded in the verdict, and what the registry finds a published version by."""
+    return export.content_fingerprint(saved_model_dir)
 
 
 def _push(config: Config, verdict: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +213,7 @@ def _staging(uri: str, name: str) -> Iterator[tuple[str, str]]:
     staging_id = maintenance.new_staging_id()
     remote = maintenance.staging_uri(uri, name, staging_id)
     if storage.is_gcs(uri):
-        parent = tempfile.mkdtemp(prefix="finetune-push-")
+        parent = scratch.mkdtemp("push")
         path = os.path.join(parent, "saved_model")
     else:
         parent = path = remote
