@@ -58,6 +58,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports  # the layers in pyproject.toml: pipeline -> components -> components.core
 
 bench: install
 	$(PY) benchmarks/bench_preprocess.py --data $(BENCH_DATA)

@@ -61,7 +61,7 @@ setup(
             "selenium>=4.20",
             "kubernetes-validate>=1.37",  # offline Kubernetes schemas (1.31 and 1.37, strict)
         ],
-        "lint": ["ruff>=0.15"],
+        "lint": ["ruff>=0.15", "import-linter>=2.17"],
     },
     entry_points={"console_scripts": ["finetune=pipeline.cli:main"]},
 )

@@ -48,8 +48,8 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import tensorflow as tf
 
+    from components.config import load_config
     from components.train import model
-    from pipeline.config import load_config
 
     cfg = load_config(args.config, [f"model.weights={args.weights}"])
     m, t = cfg.model, cfg.train

@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import write_result  # noqa: E402
 
+from components.config import load_config  # noqa: E402
 from components.preprocess import stage  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
 
 
 def make_dataset(sample: str, out: str, count: int) -> list[str]:

@@ -75,9 +75,9 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 from common import write_result  # noqa: E402
 
+from components.config import Config, load_config, to_yaml  # noqa: E402
 from components.preprocess import stage as preprocess_stage  # noqa: E402
 from components.train import data, distribute, model, phases, stage  # noqa: E402
-from pipeline.config import Config, load_config, to_yaml  # noqa: E402
 
 STARTED = time.perf_counter()
 

@@ -1,3 +1,5 @@
-"""One module (or small package) per pipeline stage."""
+"""One package per pipeline stage, and beneath them `core`: what the stages share.
 
-import pipeline  # noqa: F401  (sets TensorFlow's CPU options before TensorFlow is imported)
+Nothing here imports `pipeline` (the command line, the orchestrator and the cluster code):
+dependencies run pipeline -> components -> components.core (`make lint` checks it).
+"""

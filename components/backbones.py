@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import ConfigError, did_you_mean
+from components.core.errors import ConfigError, did_you_mean
 
 # model.weights values that are not a file.
 IMAGENET = "imagenet"
@@ -181,7 +181,7 @@ def build_backbone(name: str, image_size: int, weights: str = IMAGENET, alpha: f
 def _weights_argument(weights: str) -> Iterator[str | None]:
     """The ``weights=`` argument for Keras: None, ``imagenet``, or a local file (gs:// files
     are copied to a temporary local file, as Keras's h5 reader needs)."""
-    from pipeline import storage
+    from components.core import storage
 
     if weights in (NO_WEIGHTS, IMAGENET):
         yield None if weights == NO_WEIGHTS else IMAGENET

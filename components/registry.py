@@ -13,7 +13,7 @@
     <registry.uri>/<name>/_registry/quarantine/<v>-<time>/  what ``fsck`` moved out of the way
 
 TF Serving ignores the non-integer ``_registry`` folder. Every write that two processes could
-race on is a :func:`pipeline.storage.create_exclusive` (on GCS an ``if_generation_match=0``
+race on is a :func:`components.core.storage.create_exclusive` (on GCS an ``if_generation_match=0``
 upload): a version number, an export's push and an alias's next history entry are each taken
 by creating a file, so of two racing writers exactly one wins. A version is *complete* when it
 has its commit record and its ``saved_model.pb``; a push writes the record first and makes
@@ -36,10 +36,11 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline import storage, utc_now
-from pipeline.config import _NAME_RE as NAME_RE  # the rule for `name`, kept in one place
-from pipeline.config import ALIAS_RE
-from pipeline.errors import ConfigError, StageError
+from components.config import _NAME_RE as NAME_RE  # the rule for `name`, kept in one place
+from components.config import ALIAS_RE
+from components.core import storage
+from components.core.errors import ConfigError, StageError
+from components.core.stamps import utc_now
 
 META = "_registry"
 SAVED_MODEL_PB = "saved_model.pb"

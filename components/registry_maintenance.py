@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components import registry as reg
-from pipeline import storage, utc_now
+from components.core import storage
+from components.core.stamps import utc_now
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _STAGING_TIME = "%Y%m%dT%H%M%SZ"
@@ -44,7 +45,7 @@ PB = reg.SAVED_MODEL_PB
 
 
 def parse_time(text: Any, layout: str = _TIME_FORMAT) -> datetime.datetime | None:
-    """A time as :func:`pipeline.utc_now` writes it, or None when ``text`` is not one."""
+    """A time as :func:`components.core.stamps.utc_now` writes it, or None when ``text`` is not one."""
     try:
         return datetime.datetime.strptime(text, layout).replace(tzinfo=datetime.UTC)
     except (TypeError, ValueError):

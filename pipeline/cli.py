@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pipeline.errors import ConfigError, FinetuneError
+from components.core.errors import ConfigError, FinetuneError
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    from components.config import Config
 
 EPILOG = """\
 examples:
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command in cluster_cli.BY_NAME:
             return cluster_cli.by_name(args)
-        from pipeline.config import load_config, to_yaml
+        from components.config import load_config, to_yaml
 
         config = load_config(args.config, args.overrides)
         if args.command == "config":

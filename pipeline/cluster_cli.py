@@ -20,13 +20,13 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from pipeline.errors import ConfigError, FinetuneError
+from components.core.errors import ConfigError, FinetuneError
 
 if TYPE_CHECKING:
+    from components.config import Config
     from pipeline.cluster.client import Cluster
     from pipeline.cluster.render import ManifestFile
     from pipeline.cluster.views import LogSource
-    from pipeline.config import Config
 
 WITH_CONFIG = ("submit", "schedule", "drive")
 BY_NAME = ("status", "logs", "unschedule")
@@ -199,8 +199,8 @@ def _quiet(verbose: bool) -> None:
 
 
 def _in_namespace(config: Config, namespace: str | None) -> Config:
+    from components.config import validate
     from pipeline.cluster.manifests import with_cluster
-    from pipeline.config import validate
 
     return validate(with_cluster(config, namespace=namespace)) if namespace else config
 

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from pipeline.errors import ConfigError
+from components.core.errors import ConfigError
 
 HELP = "list versions, show one, promote / roll back aliases, history, models.config, fsck, gc"
 DESCRIPTION = """\
@@ -106,7 +106,7 @@ def registry_uri(args: argparse.Namespace) -> str:
     if args.registry:
         return args.registry
     if args.config or args.overrides:
-        from pipeline.config import load_config
+        from components.config import load_config
 
         uri = load_config(args.config, args.overrides).registry.uri
         if uri:
@@ -240,8 +240,8 @@ def _history(registry: Any, uri: str, name: str, alias: str | None, as_json: boo
 
 
 def _serving_config(registry: Any, uri: str, names: list[str], out: str | None, base_path: str) -> None:
+    from components.core import storage
     from components.push import serving
-    from pipeline import storage
 
     text = serving.models_config(uri, names or registry.model_names(uri), base_path)
     if out:

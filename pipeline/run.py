@@ -30,11 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from components.config import Config, resolved_image_size
+from components.core import outputs, storage
+from components.core.errors import ConfigError, FinetuneError, StageError
+from components.core.stamps import code_version, utc_now
+from components.preprocess.download import ensure_source
 from components.preprocess.sources import MANIFEST_SUFFIXES, OUTSIDE_SOURCE, discover
-from pipeline import code_version, outputs, storage, utc_now
-from pipeline.config import Config, resolved_image_size
-from pipeline.download import ensure_source
-from pipeline.errors import ConfigError, FinetuneError, StageError
 
 RUN_FILE = "run.json"
 NO_REGISTRY = "registry.uri is not set"

@@ -126,8 +126,8 @@ def gcs_prefix(gcs_emulator: GcsEmulator) -> str:
 def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A run directory whose ``preprocess/`` holds 90 colour images at 32 px (70% train,
     30% eval, 2 shards each), made once per session by the real preprocessing stage."""
+    from components.config import load_config
     from components.preprocess import stage
-    from pipeline.config import load_config
     from tests.train_helpers import TINY_SIZE, make_colour_images
 
     root = tmp_path_factory.mktemp("tiny")
@@ -181,9 +181,9 @@ def tiny_training(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     """90 colour images at 32 px split 60/20/20 (53 train, 14 eval, 23 test images),
     preprocessed and trained with ``train_helpers.train_config`` (no overrides) once per
     session, by the real stages; shared by the training and the evaluation tests."""
+    from components.config import load_config
     from components.preprocess import stage
     from components.train import stage as train_stage
-    from pipeline.config import load_config
     from tests.train_helpers import TINY_SIZE, make_colour_images, train_config
 
     root = tmp_path_factory.mktemp("tiny_trained")

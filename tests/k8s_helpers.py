@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pipeline.cluster import workers
+from components.train import distribute
 from pipeline.cluster.manifests import CONFIG_PATH
 
 
@@ -16,7 +16,7 @@ def pod_environment(
     """The variables Kubernetes sets in ``container``: its ``env`` with ``$(VAR)`` expanded,
     the downward API's namespace, and ``JOB_COMPLETION_INDEX`` for pod ``index`` of an
     Indexed Job."""
-    env = {} if index is None else {workers.INDEX_ENV: str(index)}
+    env = {} if index is None else {distribute.INDEX_ENV: str(index)}
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], item["value"])
@@ -37,5 +37,6 @@ def local_workers(
     argv = [config_path if a == CONFIG_PATH else a for a in container["command"] + container["args"]]
     hosts = ",".join(f"127.0.0.1:{port}" for port in ports)
     return [
-        (argv, pod_environment(container, index) | {workers.HOSTS_ENV: hosts}) for index in range(len(ports))
+        (argv, pod_environment(container, index) | {distribute.HOSTS_ENV: hosts})
+        for index in range(len(ports))
     ]

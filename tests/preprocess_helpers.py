@@ -8,11 +8,11 @@ import tempfile
 
 import tensorflow as tf
 
+from components.config import load_config
+from components.core import storage
 from components.preprocess import stage
 from components.preprocess.schema import parse_example
 from components.preprocess.splits import SPLITS
-from pipeline import storage
-from pipeline.config import load_config
 
 SHARED = os.environ.get("FINETUNE_DATASETS") or os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "datasets"

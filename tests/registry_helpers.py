@@ -136,7 +136,7 @@ def fake_gcs_prefix(fake_gcs_server: tuple[str, str], monkeypatch: pytest.Monkey
 def loadable_versions(reg: str, name: str) -> list[int]:
     """What a TF Serving file-system poller would load: integer folders with saved_model.pb."""
     from components import registry
-    from pipeline import storage
+    from components.core import storage
 
     found = set()
     base = registry.model_uri(reg, name)
@@ -150,7 +150,7 @@ def loadable_versions(reg: str, name: str) -> list[int]:
 def loadable_but_uncommitted(reg: str, name: str) -> list[int]:
     """The invariant the push keeps: TF Serving never sees a version without a commit record."""
     from components import registry
-    from pipeline import storage
+    from components.core import storage
 
     return [
         v

@@ -24,10 +24,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from components.config import DownloadLimitsConfig, load_config
+from components.core.errors import ConfigError, StageError
+from components.preprocess.download import Archive, fill_source
 from pipeline.cli import main
-from pipeline.config import DownloadLimitsConfig, load_config
-from pipeline.download import Archive, fill_source
-from pipeline.errors import ConfigError, StageError
 from tests.test_download import read_tree, server  # noqa: F401 (the fixture)
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"not really an image"

@@ -11,9 +11,9 @@ import pytest
 import tf_keras
 
 from components import backbones
+from components.config import load_config
+from components.core.errors import ConfigError
 from components.train import model
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
 from tests.train_helpers import MOBILENET_V2_035
 
 
@@ -119,7 +119,7 @@ def _same_weights(a, b) -> bool:
 
 @pytest.mark.gcs
 def test_weights_from_a_gs_uri(gcs_prefix, tmp_path):
-    from pipeline import storage
+    from components.core import storage
 
     source = tf_keras.applications.MobileNetV2(
         include_top=False, weights=None, input_shape=(32, 32, 3), alpha=0.35

@@ -10,8 +10,8 @@ import sys
 
 import yaml
 
+from components.core.errors import StageError
 from pipeline.cli import main
-from pipeline.errors import StageError
 from tests.image_fixtures import make_odd_and_bad
 
 FINETUNE = [sys.executable, "-m", "pipeline.cli"]

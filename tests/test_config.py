@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.config import Config, load_config, resolved_image_size, to_yaml
-from pipeline.errors import ConfigError
+from components.config import Config, load_config, resolved_image_size, to_yaml
+from components.core.errors import ConfigError
 
 
 def _write(tmp_path, text):

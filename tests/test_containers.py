@@ -8,8 +8,8 @@ import os
 
 import pytest
 
+from components.config import load_config
 from pipeline.cluster import jobs
-from pipeline.config import load_config
 from tests import containers
 
 CLUSTER_CONFIG = os.path.join(

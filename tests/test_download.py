@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import download, storage
-from pipeline.config import load_config, to_yaml
-from pipeline.download import archive_suffix, ensure_source, fill_source
-from pipeline.errors import ConfigError, StageError
+from components.config import load_config, to_yaml
+from components.core import storage
+from components.core.errors import ConfigError, StageError
+from components.preprocess import download
+from components.preprocess.download import archive_suffix, ensure_source, fill_source
 from tests.preprocess_helpers import config_for, run_stage
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")

@@ -20,13 +20,13 @@ import tf_keras
 from PIL import Image
 
 from components import registry
+from components.config import load_config
 from components.evaluate import scoring
 from components.evaluate import stage as evaluate_stage
 from components.preprocess import images as image_core
 from components.train import data
 from components.train import model as _registers_custom_layers  # noqa: F401
 from pipeline import run as pipeline_run
-from pipeline.config import load_config
 from tests.browser import CHROMIUM_AVAILABLE, CHROMIUM_MISSING, open_in_chromium
 from tests.preprocess_helpers import SHARED
 from tests.test_real_data import check_all_inputs, files_and_labels

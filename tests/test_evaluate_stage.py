@@ -13,13 +13,13 @@ import tensorflow as tf
 from PIL import Image
 
 from components import registry
+from components.core import outputs
+from components.core.errors import StageError
 from components.evaluate import export, scoring
 from components.evaluate import stage as evaluate_stage
 from components.push import stage as push_stage
 from components.train import data
-from pipeline import outputs
 from pipeline.cli import main
-from pipeline.errors import StageError
 from tests.train_helpers import TINY_SIZE, train_config
 
 

@@ -7,10 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from components.config import EvaluateConfig, GateConfig
 from components.evaluate import metrics
 from components.evaluate.gate import Champion, GateError, decide
 from components.evaluate.metrics import Predictions
-from pipeline.config import EvaluateConfig, GateConfig
 
 N, CLASSES = 200, 3
 LABELS = np.arange(N) % CLASSES
@@ -154,8 +154,8 @@ def test_top_k_is_capped_below_the_class_count():
 
 
 def test_gate_config_is_validated():
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
+    from components.config import load_config
+    from components.core.errors import ConfigError
 
     base = ["data.source=x", "run_dir=y"]
     with pytest.raises(ConfigError, match="gate.metric: unknown metric 'acuracy'.*accuracy"):

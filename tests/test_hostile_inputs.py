@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.config import load_config
+from components.core import storage
+from components.core.errors import ConfigError
 from components.preprocess import images, transforms
 from pipeline import run as orchestrator
-from pipeline import storage
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
 from tests.preprocess_helpers import out, read_jsonl, run_stage
 
 MiB = 2**20

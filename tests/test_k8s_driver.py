@@ -19,15 +19,15 @@ import pytest
 import yaml
 from kubernetes import client
 
+from components.config import Config, load_config
+from components.core import storage
+from components.core.errors import ConfigError, StageError
 from pipeline import run as pipeline_run
-from pipeline import storage
 from pipeline.cli import build_parser, main
 from pipeline.cluster import cron, driver, jobs, render, views
 from pipeline.cluster.client import connect, to_model
 from pipeline.cluster.driver import DONE, RESTART, STOP, WAIT, next_action
 from pipeline.cluster.manifests import IF_NEW_DATA
-from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError, StageError
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_CONFIG = str(ROOT / "configs" / "beans-cluster.yaml")

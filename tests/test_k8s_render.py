@@ -16,12 +16,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from components.config import Config, load_config
+from components.core.errors import ConfigError
+from components.train import distribute
 from components.train.distribute import parse_tf_config
 from pipeline.cli import main
-from pipeline.cluster import jobs, manifests, render, workers
+from pipeline.cluster import jobs, manifests, render
 from pipeline.cluster.manifests import with_cluster
-from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError
 from tests.k8s_helpers import local_workers, pod_environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -403,7 +404,7 @@ def test_each_training_pod_derives_its_tf_config_from_its_index_and_the_service(
     (container,) = jobs.train_job(config)["spec"]["template"]["spec"]["containers"]
     for index in range(3):
         env = pod_environment(container, index, namespace="finetune")
-        spec = json.loads(workers.tf_config_from_environment(env))
+        spec = json.loads(distribute.tf_config_from_environment(env))
         assert spec == {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
         cluster = parse_tf_config({"TF_CONFIG": json.dumps(spec)})
         assert (cluster.num_workers, cluster.worker_index, cluster.is_chief) == (3, index, index == 0)
@@ -414,33 +415,33 @@ def test_the_training_pods_run_as_local_processes_on_loopback():
     pods = local_workers(jobs.train_job(_config()), [2001, 2002], "/tmp/c.yaml")
     for index, (argv, env) in enumerate(pods):
         assert argv == ["finetune", "train", "--config", "/tmp/c.yaml"]
-        spec = json.loads(workers.tf_config_from_environment(env))
+        spec = json.loads(distribute.tf_config_from_environment(env))
         assert spec["cluster"]["worker"] == ["127.0.0.1:2001", "127.0.0.1:2002"]
         assert spec["task"] == {"type": "worker", "index": index}
 
 
 def test_ensure_tf_config_sets_it_only_when_missing():
-    env = {workers.HOSTS_ENV: "127.0.0.1:2001, 127.0.0.1:2002", workers.INDEX_ENV: "1"}
-    derived = workers.ensure_tf_config(env)
+    env = {distribute.HOSTS_ENV: "127.0.0.1:2001, 127.0.0.1:2002", distribute.INDEX_ENV: "1"}
+    derived = distribute.ensure_tf_config(env)
     assert env["TF_CONFIG"] == derived
     assert json.loads(derived)["cluster"]["worker"] == ["127.0.0.1:2001", "127.0.0.1:2002"]
-    assert workers.ensure_tf_config(env) is None  # TF_CONFIG set: it wins
-    assert workers.ensure_tf_config({}) is None  # not a training pod: one process
+    assert distribute.ensure_tf_config(env) is None  # TF_CONFIG set: it wins
+    assert distribute.ensure_tf_config({}) is None  # not a training pod: one process
 
 
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({workers.HOSTS_ENV: "a:1,b:2"}, "JOB_COMPLETION_INDEX: expected the pod's completion index"),
-        ({workers.HOSTS_ENV: "a:1,b:2", workers.INDEX_ENV: "x"}, "got 'x'"),
-        ({workers.HOSTS_ENV: "a:1,b:2", workers.INDEX_ENV: "2"}, "2 is outside the worker group of 2"),
-        ({workers.HOSTS_ENV: "a:1,b", workers.INDEX_ENV: "0"}, "'b' is not host:port"),
-        ({workers.HOSTS_ENV: "a:1,a:1", workers.INDEX_ENV: "0"}, "every worker needs its own address"),
+        ({distribute.HOSTS_ENV: "a:1,b:2"}, "JOB_COMPLETION_INDEX: expected the pod's completion index"),
+        ({distribute.HOSTS_ENV: "a:1,b:2", distribute.INDEX_ENV: "x"}, "got 'x'"),
+        ({distribute.HOSTS_ENV: "a:1,b:2", distribute.INDEX_ENV: "2"}, "2 is outside the worker group of 2"),
+        ({distribute.HOSTS_ENV: "a:1,b", distribute.INDEX_ENV: "0"}, "'b' is not host:port"),
+        ({distribute.HOSTS_ENV: "a:1,a:1", distribute.INDEX_ENV: "0"}, "every worker needs its own address"),
     ],
 )
 def test_a_bad_worker_environment_says_what_is_wrong(env, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        workers.tf_config_from_environment(env)
+        distribute.tf_config_from_environment(env)
 
 
 # -- configuration errors ------------------------------------------------------------------------

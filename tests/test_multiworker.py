@@ -17,8 +17,8 @@ import time
 
 import pytest
 
+from components.config import load_config, to_yaml
 from pipeline.cluster import jobs
-from pipeline.config import load_config, to_yaml
 from tests.k8s_helpers import local_workers
 from tests.train_helpers import TINY_SIZE, copy_prepared
 

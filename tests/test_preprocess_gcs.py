@@ -9,7 +9,7 @@ import os
 import pytest
 from PIL import Image
 
-from pipeline import storage
+from components.core import storage
 from tests.image_fixtures import make_odd_and_bad
 from tests.preprocess_helpers import PUBLISHED, all_records, out, read_jsonl, run_stage
 

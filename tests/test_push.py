@@ -19,12 +19,13 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from components import registry, registry_maintenance
+from components.config import load_config
+from components.core import storage
+from components.core.errors import StageError
 from components.evaluate import export
 from components.push import serving
 from components.push import stage as push_stage
-from pipeline import cli, storage
-from pipeline.config import load_config
-from pipeline.errors import StageError
+from pipeline import cli
 from tests.registry_helpers import (  # noqa: F401 - fixtures
     CLASSES,
     SIZE,
@@ -155,8 +156,8 @@ KILL_MIDWAY = textwrap.dedent(
     import os, signal, sys
     from components import registry
     from components.push import stage
-    from pipeline import storage
-    from pipeline.config import load_config
+    from components.core import storage
+    from components.config import load_config
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -257,7 +258,7 @@ RACE_SAME_EXPORT = textwrap.dedent(
     import os, sys, time
     from components import registry_maintenance
     from components.push import stage
-    from pipeline.config import load_config
+    from components.config import load_config
 
     barrier, parties = sys.argv[1], int(sys.argv[2])
     real = registry_maintenance.hold_fingerprint

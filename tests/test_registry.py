@@ -11,8 +11,9 @@ import pytest
 from google.protobuf import text_format
 
 from components import registry
-from pipeline import cli, storage
-from pipeline.errors import StageError
+from components.core import storage
+from components.core.errors import StageError
+from pipeline import cli
 from tests.registry_helpers import fake_gcs_prefix, fake_gcs_server  # noqa: F401 - fixtures
 
 NAME = "beans"

@@ -12,9 +12,10 @@ import sys
 import pytest
 
 from components import registry
+from components.core import storage
+from components.core.errors import ConfigError, StageError
 from components.push import serving
-from pipeline import cli, storage
-from pipeline.errors import ConfigError, StageError
+from pipeline import cli
 from tests.registry_helpers import (  # noqa: F401 - fixtures
     fake_gcs_prefix,
     fake_gcs_server,
@@ -243,7 +244,7 @@ def test_gc_removes_dead_claims_staging_and_fingerprints_after_the_grace_period(
 
 
 def registry_now() -> str:
-    from pipeline import utc_now
+    from components.core.stamps import utc_now
 
     return utc_now()
 

@@ -248,7 +248,7 @@ def test_minimal_page_in_chromium(reports):
 
 @pytest.mark.gcs
 def test_write_report_to_gcs(gcs_prefix):
-    from pipeline import storage
+    from components.core import storage
 
     uri = f"{gcs_prefix}/run/report.html"
     write_report(uri, {"name": "remote", "classes": CLASSES, "verdict": {"blessed": True, "reason": "ok"}})

@@ -18,10 +18,10 @@ import types
 import pytest
 from PIL import Image
 
-from pipeline import outputs, storage
+from components.config import load_config
+from components.core import outputs, storage
+from components.core.errors import ConfigError, StageError
 from pipeline import run as orchestrator
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, StageError
 from tests.train_helpers import copy_prepared, make_colour_images, train_config
 
 STAGE_NAMES = ("preprocess", "train", "evaluate", "push")

@@ -2,8 +2,8 @@
 
 import pytest
 
+from components.core.errors import ConfigError
 from components.preprocess.sources import discover
-from pipeline.errors import ConfigError
 
 
 def test_missing_manifest_and_empty_folder_are_config_errors(tmp_path):

@@ -17,10 +17,10 @@ import time
 
 import pytest
 
+from components.core import outputs, scratch
 from components.evaluate import stage as evaluate_stage
 from components.push import stage as push_stage
 from components.train import stage as train_stage
-from pipeline import outputs, scratch
 from pipeline import run as orchestrator
 from pipeline.cli import main
 from tests.train_helpers import TINY_SIZE, copy_trained, make_colour_images, train_config

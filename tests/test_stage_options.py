@@ -1,8 +1,8 @@
 """How the stage configures Beam: pass-through options and the local worker count."""
 
+from components.config import load_config
 from components.preprocess import stage
 from components.preprocess.transforms import available_cpus
-from pipeline.config import load_config
 
 
 def _config(*overrides):

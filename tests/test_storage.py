@@ -10,8 +10,8 @@ from apache_beam.io import fileio
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import storage
-from pipeline.storage import FileInfo, join
+from components.core import storage
+from components.core.storage import FileInfo, join
 
 
 @pytest.fixture(params=["local", pytest.param("gcs", marks=pytest.mark.gcs)])

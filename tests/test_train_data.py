@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from components.config import AugmentConfig
+from components.core.errors import StageError
 from components.train import data
-from pipeline.config import AugmentConfig
-from pipeline.errors import StageError
 from tests.train_helpers import TINY_SIZE
 
 

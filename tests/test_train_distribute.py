@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from components.config import load_config
+from components.core.errors import ConfigError
 from components.train import distribute
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
 
 
 def _env(cluster: dict, task_type: str, index: int) -> dict[str, str]:

@@ -11,11 +11,11 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
+from components.config import load_config
+from components.core.errors import StageError
 from components.preprocess import stage as preprocess_stage
 from components.train import data, phases, stage
 from components.train import model as _registers_custom_layers  # noqa: F401
-from pipeline.config import load_config
-from pipeline.errors import StageError
 from tests.train_helpers import TINY_SIZE, copy_prepared, copy_trained, make_colour_images, train_config
 
 

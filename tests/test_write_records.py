@@ -12,11 +12,11 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from components.core import storage
+from components.core.storage import join
 from components.preprocess import pipeline as graph
 from components.preprocess import schema
 from components.preprocess.splits import SPLITS
-from pipeline import storage
-from pipeline.storage import join
 
 
 @pytest.fixture(params=["local", pytest.param("gcs", marks=pytest.mark.gcs)])

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from pipeline.config import load_config, to_yaml
+from components.config import load_config, to_yaml
 
 SHARED_WEIGHTS = os.environ.get("FINETUNE_WEIGHTS") or os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "weights"

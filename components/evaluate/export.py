@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from components.core import scratch, storage
 from components.preprocess import schema
-from pipeline import scratch, storage
 
 SAVED_MODEL_PB = "saved_model.pb"
 EXTRA = "assets.extra"
@@ -214,7 +214,7 @@ class TFLiteClassifier:
 
 def wants_tflite(setting: str, backbone: str) -> bool:
     """``export.tflite``: ``auto`` means the MobileNet family (built for edge devices)."""
-    from pipeline.config import tri_state
+    from components.config import tri_state
 
     value = tri_state(setting)
     return value == "true" or (value == "auto" and backbone.startswith("mobilenet"))

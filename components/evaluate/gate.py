@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from components.config import EvaluateConfig, GateConfig
+from components.core.errors import StageError
 from components.evaluate import metrics
 from components.evaluate.metrics import Predictions
-from pipeline.config import EvaluateConfig, GateConfig
-from pipeline.errors import StageError
 
 # Metrics that are means of a per-example score: their bootstrap is one vectorised step.
 _PER_EXAMPLE = {

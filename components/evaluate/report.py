@@ -23,7 +23,7 @@ import jinja2
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline import storage
+from components.core import storage
 
 _TEMPLATE = "report.html.j2"
 _COLORS = {"baseline": "#8c959f", "candidate": "#0969da", "champion": "#bf8700"}

@@ -27,13 +27,13 @@ import tensorflow as tf
 import tf_keras
 
 from components import registry
+from components.config import Config, to_yaml
+from components.core import outputs, storage
+from components.core.errors import StageError
 from components.evaluate import export, gate, metrics, report, scoring
 from components.preprocess import schema
 from components.train import data
 from components.train import model as _registers_custom_layers  # noqa: F401
-from pipeline import outputs, storage
-from pipeline.config import Config, to_yaml
-from pipeline.errors import StageError
 
 STAGE = "evaluate"
 PHASES = ("baseline", "candidate")

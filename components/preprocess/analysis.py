@@ -17,8 +17,8 @@ import math
 import tensorflow as tf
 import tensorflow_transform as tft
 
+from components.core import storage
 from components.preprocess.schema import LABEL_VOCABULARY
-from pipeline import storage
 
 # The raw features handed to tf.Transform (from DecodeAndValidate).
 RAW_FEATURE_SPEC = {

@@ -2,7 +2,7 @@
 
 :func:`build` only wires transforms into a pipeline it is given; the stage module runs it.
 All file access goes through Beam's own I/O (``ReadFromText``, ``WriteToText``) and
-``pipeline.storage`` (images, spill files, TFRecord shards), so the same graph runs on the
+``components.core.storage`` (images, spill files, TFRecord shards), so the same graph runs on the
 local runner, Dataflow, Flink or Spark.
 """
 
@@ -20,10 +20,10 @@ import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
+from components.core import storage
 from components.preprocess import analysis, schema, spill, transforms
 from components.preprocess.sources import Candidate
 from components.preprocess.splits import SPLITS
-from pipeline import storage
 
 LEAKAGE_EXAMPLES = 10
 

@@ -17,8 +17,8 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from pipeline import storage
-from pipeline.errors import ConfigError
+from components.core import storage
+from components.core.errors import ConfigError
 
 # Folder or manifest split names -> the pipeline's split names.
 SPLIT_ALIASES = {

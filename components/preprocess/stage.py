@@ -18,15 +18,15 @@ import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from components.config import Config, resolved_image_size, to_yaml
+from components.core import outputs, scratch, storage
+from components.core.errors import StageError
 from components.preprocess import analysis
 from components.preprocess import pipeline as graph
+from components.preprocess.download import ensure_source
 from components.preprocess.sources import Listing, discover
 from components.preprocess.splits import SPLITS
 from components.preprocess.transforms import available_cpus
-from pipeline import outputs, scratch, storage
-from pipeline.config import Config, resolved_image_size, to_yaml
-from pipeline.download import ensure_source
-from pipeline.errors import StageError
 
 STAGE = "preprocess"
 # Runners that execute in this process's machine, where TF's file system cannot reach a

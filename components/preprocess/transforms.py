@@ -20,9 +20,9 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
+from components.core import storage
 from components.preprocess import images
 from components.preprocess.splits import assign_split
-from pipeline import storage
 
 DEAD_LETTER = "dead_letter"
 DUPLICATE = "duplicate"

@@ -24,8 +24,8 @@ from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from components import registry
+from components.core.errors import StageError
 from components.evaluate import export
-from pipeline.errors import StageError
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 

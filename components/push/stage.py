@@ -40,11 +40,12 @@ from typing import Any
 
 from components import registry
 from components import registry_maintenance as maintenance
+from components.config import Config
+from components.core import outputs, scratch, storage
+from components.core.errors import StageError
+from components.core.stamps import code_version, utc_now
 from components.evaluate import export
 from components.push import serving
-from pipeline import code_version, outputs, scratch, storage, utc_now
-from pipeline.config import Config
-from pipeline.errors import StageError
 
 STAGE = "push"
 PUSH_FILE = "push.json"

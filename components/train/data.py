@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from components.config import AugmentConfig
+from components.core import storage
+from components.core.errors import StageError
 from components.preprocess import schema
-from pipeline import storage
-from pipeline.config import AugmentConfig
-from pipeline.errors import StageError
 
 AUTOTUNE = tf.data.AUTOTUNE
 

@@ -25,9 +25,9 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from components.config import Config
+from components.core import scratch, storage
 from components.train import data, distribute, model
-from pipeline import scratch, storage
-from pipeline.config import Config
 
 
 @dataclass(frozen=True)

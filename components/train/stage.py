@@ -25,12 +25,11 @@ from typing import Any
 
 import tf_keras
 
+from components.config import Config, resolved_image_size, to_yaml
+from components.core import outputs, storage
+from components.core.errors import StageError
 from components.train import data, distribute, model, phases
 from components.train.phases import Inputs, Run
-from pipeline import outputs, storage
-from pipeline.cluster import workers
-from pipeline.config import Config, resolved_image_size, to_yaml
-from pipeline.errors import StageError
 
 STAGE = "train"
 
@@ -77,7 +76,7 @@ def image_cache(config: Config, inputs: Inputs, num_workers: int) -> tuple[bool,
 def run(config: Config) -> dict[str, Any]:
     """Trains the baseline and the candidate; returns the summary (on every worker)."""
     started = time.perf_counter()
-    workers.ensure_tf_config()  # a pod of the Indexed Job: TF_CONFIG from its index and the hosts
+    distribute.ensure_tf_config()  # a pod of the Indexed Job: TF_CONFIG from its index and the hosts
     cluster = distribute.parse_tf_config()
     inputs = read_inputs(config)
     if cluster.is_chief:

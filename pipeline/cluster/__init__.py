@@ -8,8 +8,6 @@ the commands that talk to a cluster.
 * ``cron``: cron schedules checked as Kubernetes parses them.
 * ``render``: ``finetune render``: YAML to stdout, to a folder, or as the kustomize tree
   of ``k8s/``.
-* ``workers``: TF_CONFIG of a training pod, derived from its index and the Service's DNS
-  names (runs in the pod; imports nothing from the rest of this package).
 * ``views``: Jobs and pods as the API returns them, read into states and printed lines
   (``finetune status``, ``finetune logs``, the driver's progress); pure.
 * ``driver``: ``finetune drive``, the run's stages as Jobs, in the driver pod; its

@@ -26,7 +26,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from pipeline.errors import ConfigError, FinetuneError
+from components.core.errors import ConfigError, FinetuneError
 
 Manifest = dict[str, Any]
 REQUEST_TIMEOUT = 30  # seconds per call; log streams have none

@@ -24,13 +24,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from pipeline import code_version, storage, utc_now
+from components.config import Config
+from components.core import storage
+from components.core.stamps import code_version, utc_now
 from pipeline.cluster import views
 from pipeline.cluster.client import Cluster, ClusterError
 from pipeline.cluster.jobs import DEADLINE_GRACE_SECONDS, stage_jobs
 from pipeline.cluster.manifests import check, worker_service
 from pipeline.cluster.views import FAILED, PENDING, RUNNING, SUCCEEDED, JobState, describe, job_state
-from pipeline.config import Config
 from pipeline.run import (
     NO_REGISTRY,
     RUN_FILE,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.cluster import workers
+from components.config import Config
+from components.train import distribute
 from pipeline.cluster.manifests import (
     BAD_CONFIG_EXIT,
     CONFIG_DIR,
@@ -33,7 +34,6 @@ from pipeline.cluster.manifests import (
     resource_name,
     worker_hosts,
 )
-from pipeline.config import Config
 
 # The driver stops waiting for a stage Job this long after the Job's own activeDeadlineSeconds
 # (cluster.stage_timeout_seconds), should the Job controller not have ended it by then.
@@ -150,7 +150,7 @@ def train_job(config: Config) -> Manifest:
     """The worker group: an Indexed Job of ``cluster.workers`` pods that all start together,
     fail together (``backoffLimit: 0``) and find each other through the headless Service."""
     gpus, n = config.cluster.gpus_per_worker, config.cluster.workers
-    env = [POD_NAMESPACE, {"name": workers.HOSTS_ENV, "value": ",".join(worker_hosts(config))}]
+    env = [POD_NAMESPACE, {"name": distribute.HOSTS_ENV, "value": ",".join(worker_hosts(config))}]
     container = stage_container(
         config,
         "train",

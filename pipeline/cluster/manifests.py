@@ -34,10 +34,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from components.config import Config, to_yaml
+from components.core.errors import ConfigError
+from components.core.storage import is_gcs
 from pipeline.cluster import cron
-from pipeline.config import Config, to_yaml
-from pipeline.errors import ConfigError
-from pipeline.storage import is_gcs
 
 Manifest = dict[str, Any]
 

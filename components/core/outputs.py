@@ -13,8 +13,8 @@ import json
 import os
 from typing import Any
 
-from pipeline import storage
-from pipeline.errors import ConfigError, StageError
+from components.core import storage
+from components.core.errors import ConfigError, StageError
 
 
 def stage_dir(run_dir: str, stage: str) -> str:

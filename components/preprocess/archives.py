@@ -6,7 +6,7 @@ path ever leads through a link (tarfile's ``data`` filter trusts ``os.path.realp
 CVE-2025-4517 defeats). Names are checked as text (:func:`name_problem`). Each file is streamed
 into a new file (``open(..., "xb")``; the archive's modes, owners and times are ignored), and a
 :class:`Budget` counts the bytes really written (and, first, the sizes tar headers declare)
-against ``data.download_limits``. ``pipeline.download`` fetches the archives and places what
+against ``data.download_limits``. ``components.preprocess.download`` fetches the archives and places what
 this module extracted.
 """
 
@@ -23,10 +23,10 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import StageError
+from components.core.errors import StageError
 
 if TYPE_CHECKING:
-    from pipeline.config import DownloadLimitsConfig
+    from components.config import DownloadLimitsConfig
 
 MAX_NAME_BYTES = 1024  # a member's whole path, UTF-8
 MAX_COMPONENT_BYTES = 255  # one folder or file name (NAME_MAX)

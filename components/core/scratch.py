@@ -22,7 +22,7 @@ import time
 import uuid
 from typing import Any
 
-from pipeline import storage
+from components.core import storage
 
 PREFIX = "finetune-"
 OWNER = "owner.json"  # inside a staging folder: who made it, and when

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from components.backbones import BACKBONES, check_options, get_backbone
-from pipeline.errors import ConfigError, did_you_mean
+from components.core.errors import ConfigError, did_you_mean
 
 # Beam runners we know by name; a dotted path to a runner class is passed through as well.
 KNOWN_RUNNERS = (
@@ -50,7 +50,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class DownloadLimitsConfig:
-    """Bounds on what the archives of ``data.download`` may write (see ``pipeline.download``).
+    """Bounds on what the archives of ``data.download`` may write (see ``components.preprocess.download``).
 
     Counted from the bytes actually written, never from the archives' headers:
     ``max_total_mb`` (MiB) for all archives together (a download also stops there),
@@ -70,7 +70,7 @@ class DataConfig:
     ``source`` is a directory of class folders, a directory of split folders, or a CSV or
     JSONL manifest of ``uri,label[,split]``; a local path or a gs:// URI. ``download`` lists
     .zip / .tar / .tar.gz / .tgz archives that fill a local ``source`` directory when it is
-    missing or empty (see ``pipeline.download``); a ``source`` that holds files is used as it
+    missing or empty (see ``components.preprocess.download``); a ``source`` that holds files is used as it
     is. Each entry is an https:// or gs:// URL or a local path, or ``{url: ..., sha256: ...}``
     with the archive's pinned digest, which http:// needs; ``download_limits`` bound what the
     archives may write. Inputs must lie inside ``source`` (for a manifest: its own folder or
@@ -329,7 +329,7 @@ def _read_layers(path: str, chain: tuple[str, ...]) -> list[dict[str, Any]]:
     ``extends: <file>`` (relative to the extending file, or absolute, or gs://) makes a file
     a set of changes to another: keys it sets win, the rest come from the base.
     """
-    from pipeline import storage
+    from components.core import storage
 
     try:
         loaded = yaml.safe_load(storage.read_text(path)) or {}
@@ -362,7 +362,7 @@ MAX_EXTENDS = 16  # files in one extends chain
 def _canonical(path: str) -> str:
     """One spelling per file, for cycle detection: ``a.yaml``, ``./a.yaml`` and a symlink to it
     are the same local file; a gs:// path loses its ``.`` and ``..`` segments."""
-    from pipeline import storage
+    from components.core import storage
 
     if storage.is_gcs(path):
         bucket_and_path = path[len("gs://") :]
@@ -466,8 +466,8 @@ def _validate_download(d: DataConfig) -> list[str]:
     )
     if not d.download:
         return problems
+    from components.preprocess.download import url_scheme
     from components.preprocess.sources import MANIFEST_SUFFIXES
-    from pipeline.download import url_scheme
 
     for i, entry in enumerate(d.download):
         problems.extend(_check_archive_entry(f"data.download[{i}]", entry))
@@ -484,7 +484,13 @@ DOWNLOAD_ENTRY_KEYS = ("url", "sha256")
 
 def _check_archive_entry(key: str, entry: str | dict[str, Any]) -> list[str]:
     """One ``data.download`` entry: a URL string, or a mapping with ``url`` and ``sha256``."""
-    from pipeline.download import ARCHIVE_SUFFIXES, DOWNLOAD_SCHEMES, SHA256_RE, archive_suffix, url_scheme
+    from components.preprocess.download import (
+        ARCHIVE_SUFFIXES,
+        DOWNLOAD_SCHEMES,
+        SHA256_RE,
+        archive_suffix,
+        url_scheme,
+    )
 
     if isinstance(entry, dict):
         unknown = [str(k) for k in entry if k not in DOWNLOAD_ENTRY_KEYS]

@@ -11,7 +11,7 @@ An entry is a URL or ``{url: ..., sha256: <64 hex>}``: a pinned digest must matc
 anything is extracted. Plain http:// needs one (the config refuses it without), and so does
 an https:// download that is redirected to http://.
 
-Archives are untrusted: ``pipeline.archives`` checks every member before writing any (only
+Archives are untrusted: ``components.preprocess.archives`` checks every member before writing any (only
 regular files and folders with plain names) and bounds what they write by
 ``data.download_limits`` (``max_total_mb`` in all, where a download also stops; ``max_ratio``
 per archive; ``max_members``). Members keep their paths (the iBean ``train.zip`` holds
@@ -38,11 +38,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from pipeline.archives import Budget, extract, failure, over
-from pipeline.errors import StageError
+from components.core.errors import StageError
+from components.preprocess.archives import Budget, extract, failure, over
 
 if TYPE_CHECKING:
-    from pipeline.config import Config, DownloadLimitsConfig
+    from components.config import Config, DownloadLimitsConfig
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 DOWNLOAD_SCHEMES = ("", "https", "http", "gs")  # "": a local path
@@ -121,7 +121,7 @@ def fill_source(
         _log(f"{source} already holds files; data.download is not used")
         return False
     if limits is None:
-        from pipeline.config import DownloadLimitsConfig
+        from components.config import DownloadLimitsConfig
 
         limits = DownloadLimitsConfig()
     destination = os.path.abspath(source)
@@ -166,7 +166,7 @@ def _fetched(archive: Archive, work: str, max_bytes: int) -> Iterator[str]:
         finally:
             os.remove(path)
         return
-    from pipeline import storage  # imports Beam's file systems: only when needed
+    from components.core import storage  # imports Beam's file systems: only when needed
 
     _log(f"{url}: reading")
     with contextlib.ExitStack() as stack:
