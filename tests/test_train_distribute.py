@@ -88,3 +88,21 @@ def test_one_process_gets_the_default_strategy():
     placement = distribute.create_strategy(distribute.Cluster())
     assert (placement.name, placement.device, placement.replicas) == ("default", "cpu", 1)
     distribute.barrier(placement, distribute.Cluster())  # a no-op on one worker
+
+
+def test_each_worker_records_its_phases_in_its_own_file_only_when_told_where(tmp_path):
+    worker = distribute.parse_tf_config(_env({"worker": ["a:1", "b:2"]}, "worker", 1))
+    assert distribute.record_phase(worker, "baseline", {"weights_sha256": "b"}, {}) is None  # not told
+    env = {distribute.RECORDS_ENV: str(tmp_path)}
+    path = distribute.record_phase(worker, "baseline", {"weights_sha256": "b", "steps": 7}, env)
+    assert path == str(tmp_path / "worker-1.json")
+    distribute.record_phase(worker, "candidate", {"weights_sha256": "c", "steps": 9}, env)  # kept: baseline
+    assert distribute.read_worker_records(str(tmp_path), 2) == [
+        {},  # worker 0 recorded nothing
+        {
+            "worker_index": 1,
+            "num_workers": 2,
+            "baseline": {"weights_sha256": "b", "steps": 7},
+            "candidate": {"weights_sha256": "c", "steps": 9},
+        },
+    ]

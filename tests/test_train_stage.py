@@ -161,7 +161,9 @@ def test_backups_skip_only_the_last_epoch_end_which_fit_would_delete(tmp_path):
             path = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
             latest.append(os.path.basename(path) if path else None)
 
-    callbacks = [phases.Backup(backup_dir, "epoch", 3), Probe()]
+    backup = phases.Backup(backup_dir, "epoch", 3)
+    assert [backup.backs_up_after(epoch) for epoch in range(3)] == [True, True, False]
+    callbacks = [backup, Probe()]
     keras_model.fit(np.ones((8, 3)), np.ones((8, 2)), epochs=3, batch_size=4, verbose=0, callbacks=callbacks)
     assert latest == ["ckpt-1", "ckpt-2", "ckpt-2"]  # epochs 1 and 2 backed up, not the 3rd
     assert not os.path.exists(os.path.join(backup_dir, "chief"))  # fit deleted it on return

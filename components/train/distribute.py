@@ -3,7 +3,10 @@
 TF_CONFIG is parsed once into a :class:`Cluster`; the strategy is chosen from the
 environment (TPU, several workers, several local GPUs, or one device); ``is_chief`` says
 who writes final outputs (the others save to local temporary files, see ``phases._save``);
-and ``barrier`` lines the workers up where one of them has just changed shared files.
+``barrier`` lines the workers up where one of them has just changed shared files; and, where
+``FINETUNE_WORKER_RECORDS`` names a folder, every worker (the chief too) records there the
+digest of the weights it ended each phase with (:func:`record_phase`), so a test or a
+benchmark can check that the workers agree without reading their logs.
 
 Runs on every worker. The strategy must be created before TensorFlow runs any op, so
 :func:`create_strategy` is the first TensorFlow call of the training stage.
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.config import Config, tri_state
+from components.core import storage
 from components.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -253,3 +257,46 @@ def barrier(placement: Placement, cluster: Cluster) -> None:
     seen = int(_all_reduce().numpy())
     if seen != placement.replicas:
         raise RuntimeError(f"barrier: {seen} of {placement.replicas} replicas answered")
+
+
+# Where each worker records what it ended each phase with. Unset (the rendered pods leave it
+# unset): nothing is recorded. Set: a folder, local or gs://, that every worker can write; the
+# value is the same for all workers, each writes its own file in it.
+RECORDS_ENV = "FINETUNE_WORKER_RECORDS"
+
+
+def worker_record_path(folder: str, worker_index: int) -> str:
+    """``<folder>/worker-<worker_index>.json``: one worker's record (see :func:`record_phase`)."""
+    return storage.join(folder, f"worker-{worker_index}.json")
+
+
+def record_phase(
+    cluster: Cluster, phase: str, facts: dict[str, Any], environ: Mapping[str, str] = os.environ
+) -> str | None:
+    """Every worker, after a phase has trained: sets ``facts`` (the digest of the weights this
+    worker ended the phase with, its steps) under ``phase`` in this worker's record in the
+    folder ``FINETUNE_WORKER_RECORDS`` names. The record is kept across restarts, so a phase
+    that a restarted run loads instead of training keeps the entry of the start that trained
+    it. Returns the record's path, or None when the variable is not set (nothing written).
+
+    The record is ``{"worker_index": i, "num_workers": n, "<phase>": facts, ...}``, written
+    atomically; each worker writes only its own file, so no two processes write one file.
+    """
+    folder = environ.get(RECORDS_ENV, "").strip()
+    if not folder:
+        return None
+    path = worker_record_path(folder, cluster.worker_index)
+    record = json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    record |= {"worker_index": cluster.worker_index, "num_workers": cluster.num_workers, phase: facts}
+    storage.write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_worker_records(folder: str, num_workers: int) -> list[dict[str, Any]]:
+    """The records of workers ``0 .. num_workers - 1`` in ``folder`` (see :func:`record_phase`),
+    in worker order; an empty dict for a worker that recorded nothing."""
+    records = []
+    for index in range(num_workers):
+        path = worker_record_path(folder, index)
+        records.append(json.loads(storage.read_text(path)) if storage.exists(path) else {})
+    return records

@@ -187,8 +187,7 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
 def feature_batch_size(batch_size: int) -> int:
     """Images per call of the feature pass: an inference step keeps no activations for a
     backward pass, so 4x the training batch fits wherever training does, and on a CPU
-    larger batches run the forward pass faster (MobileNetV2 0.35 at 96 px: 0.75 s for 1,024
-    images in batches of 32, 0.52 s in batches of 128)."""
+    larger batches run the forward pass faster."""
     return max(64, 4 * batch_size)
 
 
@@ -209,16 +208,21 @@ def extract_features(extract: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray
 
 class Backup(tf_keras.callbacks.BackupAndRestore):
     """``BackupAndRestore`` without the backup at the end of the last epoch: ``fit`` deletes
-    the backup as it returns, so writing that one would only cost time (about 0.1 s for
-    MobileNetV2 0.35 on a CPU, a larger share of short epochs). Every worker skips the same
-    epoch, so the collective reads of a save stay in step."""
+    the backup as it returns, so writing that one would only cost time (a larger share of
+    short epochs). Every worker skips the same epoch, so the collective reads of a save stay
+    in step."""
 
     def __init__(self, backup_dir: str, save_freq: int | str, epochs: int) -> None:
         super().__init__(backup_dir, save_freq=save_freq)
-        self._last_epoch = epochs - 1
+        self.epochs = epochs
+
+    def backs_up_after(self, epoch: int) -> bool:
+        """Whether the end of ``epoch`` (0-based) runs ``BackupAndRestore``'s epoch-end work:
+        every epoch's but the last's."""
+        return epoch < self.epochs - 1
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        if epoch < self._last_epoch:
+        if self.backs_up_after(epoch):
             super().on_epoch_end(epoch, logs)
 
 
@@ -349,14 +353,16 @@ def _rate(ctx: Run, result: dict[str, Any], seconds: float) -> float:
 
 def _save(ctx: Run, keras_model: Any, phase: str, result: dict, history: dict) -> None:
     """Every worker saves (variables that sync on read need all of them); only the chief's
-    copy is published, others are deleted. ``result.json`` goes last: it marks the phase done."""
+    copy is published, others are deleted. Every worker records the digest of its weights
+    where ``FINETUNE_WORKER_RECORDS`` says (``distribute.record_phase``); the chief also in
+    ``result.json``, which goes last: it marks the phase done."""
     tmp = scratch.mkdtemp(phase)
     try:
         path = os.path.join(tmp, "model.keras")
         keras_model.save(path)
         digest = weights_digest(keras_model)
-        tag = "[train]" if ctx.cluster.is_chief else f"[train {ctx.cluster.describe()}]"
-        print(f"{tag} {phase}: weights sha256 {digest}", flush=True)
+        ctx.say(f"{phase}: weights sha256 {digest}")
+        distribute.record_phase(ctx.cluster, phase, {"weights_sha256": digest, "steps": result["steps"]})
         if ctx.cluster.is_chief:
             target = storage.join(ctx.out, phase)
             with open(path, "rb") as f:
