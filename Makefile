@@ -60,10 +60,12 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports  # the layers in pyproject.toml: pipeline -> components -> components.core
 
+# Each benchmark runs as a module from the repository root (`python -m benchmarks.<name> --help`
+# for its options) and writes its JSON result under runs/bench/ (--out) as well as printing it.
 bench: install
-	$(PY) benchmarks/bench_preprocess.py --data $(BENCH_DATA)
-	$(PY) benchmarks/bench_train.py --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
-	$(PY) benchmarks/bench_cpu_kernels.py --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
+	$(PY) -m benchmarks.bench_preprocess --data $(BENCH_DATA)
+	$(PY) -m benchmarks.bench_train --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
+	$(PY) -m benchmarks.bench_cpu_kernels --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
 
 # k8s/ is generated: regenerate it after changing configs/beans-cluster.yaml or the manifests
 # code (tests/test_k8s_render.py fails when the two differ).

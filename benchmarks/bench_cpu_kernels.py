@@ -2,8 +2,8 @@
 
 TensorFlow turns oneDNN on by default only on CPUs with AVX-512 VNNI/BF16 or AMX; the
 ``pipeline`` package turns it on everywhere else (``pipeline/__init__.py``), because the
-candidate phase on an AVX2 CPU ran at about half the speed without it. This benchmark keeps
-that choice honest: each round runs two child processes, one with ``TF_ENABLE_ONEDNN_OPTS=1``
+candidate phase on an AVX2 CPU is slower without it. This benchmark keeps that choice
+honest: each round runs two child processes, one with ``TF_ENABLE_ONEDNN_OPTS=1``
 and one with ``=0`` (the variable is read once, when TensorFlow is imported, so one process
 cannot measure both), their order alternating from round to round.
 
@@ -20,7 +20,9 @@ real beans photos times, after ``--skip-steps`` untimed steps:
 Reported: images/s of each, and the on/off ratio per round and its median (the machine's
 speed drifts over minutes, so only same-round ratios are compared).
 
-Usage: python benchmarks/bench_cpu_kernels.py --beans ../shared/datasets/beans \\
+The result goes to ``--out`` as JSON (default ``runs/bench/cpu_kernels.json``) and to stdout.
+
+Usage, from the repository root: python -m benchmarks.bench_cpu_kernels --beans ../shared/datasets/beans \\
     --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
 """
 
@@ -35,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import write_result
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"on": "1", "off": "0"}
 
@@ -44,7 +48,6 @@ def child(args: argparse.Namespace) -> None:
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    sys.path.insert(0, ROOT)
     import numpy as np
     import tensorflow as tf
 
@@ -95,7 +98,7 @@ def child(args: argparse.Namespace) -> None:
 
 def measure(args: argparse.Namespace, setting: str) -> dict[str, float]:
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": SETTINGS[setting]}
-    command = [sys.executable, os.path.abspath(__file__), "--child", *sys.argv[1:]]
+    command = [sys.executable, "-m", "benchmarks.bench_cpu_kernels", "--child", *sys.argv[1:]]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"the {setting} child failed:\n{done.stderr[-3000:]}")
@@ -112,15 +115,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="timed steps of each measurement")
     parser.add_argument("--skip-steps", type=int, default=3, help="untimed first steps")
-    parser.add_argument("--out", default="runs/bench/cpu_kernels.json")
+    parser.add_argument("--out", default="runs/bench/cpu_kernels.json", help="where the JSON result goes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import write_result
-
     rounds = []
     for i in range(args.rounds):
         order = ["on", "off"] if i % 2 == 0 else ["off", "on"]

@@ -16,16 +16,18 @@ work. Reported:
 * the configurations: one in-process Beam worker with 1 image thread and with 2 (the
   stage's default on 2 cores: the threads read and decode, which releases the GIL), and
   Beam's own 2 worker processes with 1 image thread each, for comparison, end to end
-  only: subtracting the small run's time overstates their steady rate (it gave 2.1x one
-  thread, yet 12,960 images took them 27 s against 24 s for 2 threads), so their start-up
-  is not a fixed cost;
+  only: their start-up is not a fixed cost, so subtracting the small run's time overstates
+  their steady rate;
 * ratios: pipeline per-core rate / plain rate, from wall time with 1 image thread (the
   target) and from CPU time (images per CPU-second, every thread and child process
   counted) with 2; 2 image threads / 1 (the "2 workers against 1" target), beside the
   plain loop's own 2 threads / 1; and 2 worker processes' end-to-end time against 2 image
   threads'.
 
-Usage: python benchmarks/bench_preprocess.py --data ../shared/datasets/beans_raw_sample
+The result goes to ``--out`` as JSON (default ``runs/bench/preprocess.json``) and to stdout.
+
+Usage, from the repository root:
+    python -m benchmarks.bench_preprocess --data ../shared/datasets/beans_raw_sample
 """
 
 from __future__ import annotations
@@ -36,19 +38,15 @@ import os
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image, ImageOps
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common import write_result  # noqa: E402
-
-from components.config import load_config  # noqa: E402
-from components.preprocess import stage  # noqa: E402
+from benchmarks.common import write_result
+from components.config import load_config
+from components.preprocess import stage
 
 
 def make_dataset(sample: str, out: str, count: int) -> list[str]:
@@ -155,7 +153,7 @@ def main() -> None:
     parser.add_argument("--startup-images", type=int, default=30)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5, help="rounds; medians are reported")
-    parser.add_argument("--out", default="runs/bench/preprocess.json")
+    parser.add_argument("--out", default="runs/bench/preprocess.json", help="where the JSON result goes")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-preprocess-")

@@ -27,13 +27,16 @@ tens of percent over minutes), ratios being the median of the per-round ratios:
    does, then fit the head ``--baseline-epochs`` epochs on them) against the frozen
    classifier fitted the same epochs, steps and batch on the images (the backbone runs every
    epoch); both whole, from the first image to the last epoch's end.
-4. Two workers. ``python -m pipeline.cli train`` as two processes on loopback (TF_CONFIG,
-   MultiWorkerMirroredStrategy) against one process, same configuration, few epochs:
-   efficiency = candidate images/s of two workers / (2 x that of one), from the summaries
-   (whose rate includes the first epoch, tracing and all), and the same from wall times.
-   Both workers must end with identical weights. On a 2-core machine the two processes
-   share the cores one process already uses, so this is a correctness set-up: reported, no
-   target. ``--mw-no-eval`` leaves the eval split out (no validation, no exact evaluation).
+4. Two workers. The rendered training Job's pods as ``python -m pipeline.cli train``
+   processes on loopback (``tests.k8s_helpers.LocalWorkerGroup``: each pod's environment,
+   TF_CONFIG derived from it, MultiWorkerMirroredStrategy) against a one-pod Job, same
+   configuration, few epochs: efficiency = candidate images/s of two workers / (2 x that of
+   one), from the summaries (whose rate includes the first epoch, tracing and all), and the
+   same from wall times. Both workers must end with identical weights: the digests each
+   worker records (``components.train.distribute.record_phase``). On a 2-core machine the
+   two processes share the cores one process already uses, so this is a correctness set-up:
+   reported, no target. ``--mw-no-eval`` leaves the eval split out (no validation, no exact
+   evaluation).
 
 Tracing is kept out of every in-process figure: each model is built once and warmed up with
 a short fit (and one feature pass) first; the stage's variants share one model, which only
@@ -43,7 +46,9 @@ step ``--skip-steps`` (past the iterator's start-up) to the end of the last epoc
 epoch-end backups count as they do in the stage (each fit's but the last); the variants'
 order rotates from round to round. Baseline rounds then time the two baseline variants back to back.
 
-Usage: python benchmarks/bench_train.py --beans ../shared/datasets/beans \\
+The result goes to ``--out`` as JSON (default ``runs/bench/train.json``) and to stdout.
+
+Usage, from the repository root: python -m benchmarks.bench_train --beans ../shared/datasets/beans \\
     --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
 """
 
@@ -52,12 +57,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -67,17 +68,15 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
-from common import write_result  # noqa: E402
 
+from benchmarks.common import write_result  # noqa: E402
 from components.config import Config, load_config, to_yaml  # noqa: E402
 from components.preprocess import stage as preprocess_stage  # noqa: E402
 from components.train import data, distribute, model, phases, stage  # noqa: E402
+from tests.k8s_helpers import LocalWorkerGroup, WorkersFailed  # noqa: E402
 
 STARTED = time.perf_counter()
 
@@ -124,7 +123,7 @@ class TimedBackup(phases.Backup):
         self.seconds, self.clock = seconds, clock
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        if epoch >= self._last_epoch:  # no backup (phases.Backup): nothing to time
+        if not self.backs_up_after(epoch):  # no backup: nothing to time
             return
         started = time.perf_counter()
         super().on_epoch_end(epoch, logs)
@@ -340,67 +339,22 @@ def in_process(bench: Bench, rounds: int, baseline_rounds: int, epochs: int, bas
     return results
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-class TrainingFailed(Exception):
-    """A CLI training run exited non-zero or ran too long; the message holds its log's tail."""
-
-
-def cli_train(config_path: str, run_dir: str, workers: int, timeout: float) -> dict[str, Any]:
-    """``python -m pipeline.cli train`` in ``workers`` processes (TF_CONFIG when more than
-    one); returns the chief's summary, the wall time and every worker's candidate weights digest.
+def cli_train(config_path: str, folder: str, workers: int, timeout: float) -> dict[str, Any]:
+    """The training Job's ``workers`` pods as local processes (``LocalWorkerGroup``), their
+    logs and records in ``folder``; returns the chief's summary, the wall time and every
+    worker's candidate weights digest (None for a worker that recorded none).
 
     Raises:
-        TrainingFailed: a process failed (the others are then stopped), or the run took
+        WorkersFailed: a process failed (the others are then stopped), or the run took
             longer than ``timeout`` seconds.
     """
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env.update({"CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"})
-    cluster = {"worker": [f"localhost:{p}" for p in free_ports(workers)]}
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", config_path]
-    cmd += ["--set", f"run_dir={run_dir}"]
-    procs, logs = [], []
-    started = time.perf_counter()
-    for i in range(workers):
-        worker_env = dict(env)
-        if workers > 1:
-            worker_env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-            # Workers sharing one machine: split its cores instead of oversubscribing them.
-            threads = str(max(1, (os.cpu_count() or 1) // workers))
-            worker_env.update(TF_NUM_INTRAOP_THREADS=threads, TF_NUM_INTEROP_THREADS=threads)
-        logs.append(os.path.join(run_dir, f"worker-{i}.log"))
-        with open(logs[-1], "w") as log:
-            procs.append(
-                subprocess.Popen(cmd, cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT)
-            )
-    while any(p.poll() is None for p in procs):  # until all end, one fails, or time is up
-        if time.perf_counter() - started > timeout or any(p.poll() for p in procs):
-            break
-        time.sleep(0.2)
-    wall = time.perf_counter() - started
-    codes = [p.poll() for p in procs]
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    texts = [open(path).read() for path in logs]
-    if any(code != 0 for code in codes):
-        failed = [i for i, code in enumerate(codes) if code]
-        worst = failed[0] if failed else codes.index(None)
-        what = f"exited {codes[worst]}" if codes[worst] else f"was still running after {wall:.0f} s"
-        lines = [line for line in texts[worst].splitlines() if "cuInit" not in line]
-        raise TrainingFailed(f"{workers}-worker training: worker {worst} {what}: " + " | ".join(lines[-6:]))
-    digests = [re.findall(r"candidate: weights sha256 ([0-9a-f]+)", text) for text in texts]
+    group = LocalWorkerGroup(config_path, workers, folder)
+    group.start()
+    group.wait(timeout)
+    run_dir = load_config(config_path, []).run_dir
     summary = json.load(open(os.path.join(run_dir, "train", "summary.json")))
-    return {"summary": summary, "wall": wall, "digests": [d[-1] if d else None for d in digests]}
+    digests = [r.get("candidate", {}).get("weights_sha256") for r in group.weights()]
+    return {"summary": summary, "wall": group.seconds, "digests": digests}
 
 
 def copy_preprocessed(prep: str, run_dir: str, keep_eval: bool) -> None:
@@ -416,11 +370,12 @@ def copy_preprocessed(prep: str, run_dir: str, keep_eval: bool) -> None:
             json.dump(summary, f)
 
 
-def multi_worker(cfg: Config, work: str, prep: str, rounds: int, timeout: float, keep_eval: bool) -> dict:
-    """Measurement 4: one CLI process against two, back to back, ``rounds`` times."""
-    config_path = os.path.join(work, "multi_worker.yaml")
-    with open(config_path, "w") as f:
-        f.write(to_yaml(cfg))
+def multi_worker(
+    settings: list[str], work: str, prep: str, rounds: int, timeout: float, keep_eval: bool
+) -> dict:
+    """Measurement 4: one CLI process against two, back to back, ``rounds`` times; each run
+    with the configuration of ``settings`` (``--set`` overrides) and its own run directory."""
+    cfg = load_config(None, settings)
     result: dict[str, Any] = {
         "baseline_epochs": cfg.train.baseline_epochs,
         "finetune_epochs": cfg.train.finetune_epochs,
@@ -430,16 +385,20 @@ def multi_worker(cfg: Config, work: str, prep: str, rounds: int, timeout: float,
     for i in range(rounds):
         run = {}
         for workers in (1, 2):
-            run_dir = os.path.join(work, f"cli-{workers}-{i}")
+            folder = os.path.join(work, f"cli-{workers}-{i}")
+            run_dir = os.path.join(folder, "run")
             copy_preprocessed(prep, run_dir, keep_eval)
+            config_path = os.path.join(folder, "config.yaml")
+            with open(config_path, "w") as f:
+                f.write(to_yaml(load_config(None, [*settings, f"run_dir={run_dir}"])))
             say(f"round {i + 1}/{rounds}: CLI training with {workers} worker(s)")
             try:
-                run[workers] = cli_train(config_path, run_dir, workers, timeout)
-            except TrainingFailed as e:
+                run[workers] = cli_train(config_path, folder, workers, timeout)
+            except WorkersFailed as e:
                 say(str(e))
                 return {**result, "error": str(e)}
             finally:
-                shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
         runs.append(run)
 
     def med(fn: Callable[[dict], float]) -> float:
@@ -494,7 +453,7 @@ def main() -> None:
         action="store_true",
         help="leave the eval split out of the CLI runs (no validation, no exact evaluation)",
     )
-    parser.add_argument("--out", default="runs/bench/train.json")
+    parser.add_argument("--out", default="runs/bench/train.json", help="where the JSON result goes")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -588,21 +547,17 @@ def main() -> None:
             },
         }
         if args.mw_rounds:
-            mw_cfg = load_config(
-                None,
-                [
-                    f"data.source={cfg.data.source}",
-                    f"run_dir={os.path.join(work, 'cli')}",  # each run sets its own
-                    f"model.image_size={args.size}",
-                    f"model.alpha={args.alpha}",
-                    f"model.weights={cfg.model.weights}",
-                    f"train.batch_size={args.batch_size}",
-                    f"train.baseline_epochs={args.mw_baseline_epochs}",
-                    f"train.finetune_epochs={args.mw_finetune_epochs}",
-                ],
-            )
+            mw_settings = [
+                f"data.source={cfg.data.source}",
+                f"model.image_size={args.size}",
+                f"model.alpha={args.alpha}",
+                f"model.weights={cfg.model.weights}",
+                f"train.batch_size={args.batch_size}",
+                f"train.baseline_epochs={args.mw_baseline_epochs}",
+                f"train.finetune_epochs={args.mw_finetune_epochs}",
+            ]
             result["multi_worker"] = multi_worker(
-                mw_cfg,
+                mw_settings,
                 work,
                 os.path.join(run_dir, "preprocess"),
                 args.mw_rounds,

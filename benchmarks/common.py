@@ -1,4 +1,5 @@
-"""What every benchmark script shares (imported as ``common``: the scripts run from this folder)."""
+"""What every benchmark shares (``benchmarks.common``: the benchmarks run as modules from the
+repository root)."""
 
 from __future__ import annotations
 

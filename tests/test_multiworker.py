@@ -50,7 +50,9 @@ def resumed(tiny_prepared, tmp_path_factory: pytest.TempPathFactory) -> tuple[st
     deadline = time.monotonic() + 600
     try:
         while not os.path.exists(checkpoint):  # the candidate phase has backed up at least once
-            assert group.running(), "a worker ended before the candidate phase backed up"
+            assert group.running(), "a worker ended before the candidate phase backed up:\n" + "\n".join(
+                out[-3000:] for out in group.outputs()
+            )
             assert time.monotonic() < deadline, "no candidate backup after 600 s"
             time.sleep(0.05)
     finally:  # kill both workers (also when the wait failed: no stray TensorFlow processes)

@@ -65,7 +65,7 @@ class ServingModule(tf.Module):
     def __init__(self, keras_model: Any, classes: list[str], image_size: int, top_k: int):
         super().__init__(name="serving")
         # Only the weights are tracked, not the Keras object graph: saving walks every
-        # tracked object, which for a Keras model takes ~10x longer and adds nothing a
+        # tracked object, which for a Keras model takes many times longer and adds nothing a
         # server uses. A plain function attribute is not tracked.
         self._predict = lambda pixels: keras_model(pixels, training=False)
         self.model_variables = list(keras_model.weights)
@@ -178,8 +178,8 @@ def convert_tflite(keras_model: Any, image_size: int, quantization: str) -> byte
     function = tf.function(lambda image: {"probabilities": keras_model(image, training=False)})
     concrete = function.get_concrete_function(spec)
     # The converter saves the trackable it is given as a temporary SavedModel. Handing it the
-    # Keras model makes it walk every layer's attributes (~35 s for MobileNetV2 on 2 cores); a
-    # module holding only the variables the function reads gives the same flatbuffer in ~7 s.
+    # Keras model makes it walk every layer's attributes, which is slow; a module holding only
+    # the variables the function reads gives the same flatbuffer in a fraction of the time.
     variables = tf.Module()
     variables.weights = list(keras_model.weights)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], variables)

@@ -102,8 +102,8 @@ def latency_ms(function: Callable[[], Any], runs: int = 7) -> float:
     """Median wall time of ``function()`` in milliseconds, after two warm-up calls.
 
     Measured in this process, so with its TensorFlow settings: with oneDNN on (the package's
-    default) a one-image call of MobileNetV2 on an AVX2 CPU takes ~340 ms against ~15 ms with
-    ``TF_ENABLE_ONEDNN_OPTS=0``, while batches of 2 and more are ~1.7x faster with it.
+    default) a one-image call of MobileNetV2 on an AVX2 CPU is many times slower than with
+    ``TF_ENABLE_ONEDNN_OPTS=0``, while batches of 2 and more are faster with it.
     """
     for _ in range(2):
         function()

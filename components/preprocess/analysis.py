@@ -2,9 +2,13 @@
 
 ``preprocessing_fn`` is a pure dict -> dict function; Beam only runs it. It is analysed on
 the train split alone (so the vocabulary and statistics never see eval or test data). Its
-graph, written as ``transform_fn/``, is what later stages attach to the serving model: it
-maps a label to its class id (the vocabulary asset ``transform_fn/assets/label`` maps ids
-back to names) and carries the pixel statistics as constants.
+graph is written as ``transform_fn/`` among the preprocessing outputs and is read only by
+preprocessing itself: the label vocabulary (the asset ``transform_fn/assets/label``, in
+class-id order; :func:`read_vocabulary`) gives the class ids the TFRecords carry and the
+class list of ``summary.json``, and the pixel statistics it carries as constants
+(:func:`image_statistics`) are recorded there as ``image_stats``. Later stages take the
+class list from ``summary.json``; the serving model does not contain this graph (export
+builds decoding and the class names into its own).
 
 Image bytes never enter the graph: the analysis needs only the label and the per-image
 channel moments that ``DecodeAndValidate`` computed, which keeps the analysis cheap.

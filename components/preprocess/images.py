@@ -137,7 +137,7 @@ _LEVELS = np.arange(256, dtype=np.float64)
 
 
 def _channel_moments(rgb: Image.Image) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel E[x] and E[x^2] from the 8-bit histogram (exact, and ~50x cheaper than
+    """Per-channel E[x] and E[x^2] from the 8-bit histogram (exact, and far cheaper than
     converting the pixels to floats)."""
     histogram = np.asarray(rgb.histogram(), dtype=np.float64).reshape(3, 256)
     count = histogram[0].sum()

@@ -2,8 +2,8 @@
 
 A shard is written in content-hash order, so its examples must be gathered from every
 worker first. Gathering them through Beam's shuffle moves the image bytes through the
-runner's data plane, and on the local runner that costs ~0.2 ms per image of tens of KB
-(every byte is encoded and decoded several times, on one thread). So the decoding stage
+runner's data plane, which on the local runner is slow for images of tens of KB (every
+byte is encoded and decoded several times, on one thread). So the decoding stage
 appends each example to a spill file of its own bundle per (split, shard) instead, and only
 the files' names go through the shuffle: the way Beam's own file sinks gather their
 temporary files (``fileio.WriteToFiles``). The files live in the run's scratch space and go

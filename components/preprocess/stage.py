@@ -42,8 +42,8 @@ def output_dir(config: Config) -> str:
 def local_workers(config: Config) -> int:
     """Worker processes for the local runner: ``preprocess.num_workers``, or one in-process
     worker when it is 0. The image threads use the cores; Beam's worker processes send every
-    element through this driver process over gRPC and were slower on one machine (README,
-    "Performance")."""
+    element through this driver process over gRPC, which makes them slower than the image
+    threads (``benchmarks/bench_preprocess.py`` compares the two)."""
     return config.preprocess.num_workers or 1
 
 

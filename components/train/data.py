@@ -137,9 +137,8 @@ def image_dataset(
 def _single_pass(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """Turns tf.data's autotuning off for a dataset read once (the baseline's feature pass,
     the exact evaluation). One pass leaves it little to tune, and its model thread holds up
-    the iterator's deletion: ~0.6 s in about half of the passes on a 2-core CPU (TF 2.21),
-    against 0.65 s for the whole feature pass of beans at 96 px. Without autotuning, the
-    parallel steps run one call per core."""
+    the iterator's deletion, in some passes for about as long as a small pass takes. Without
+    autotuning, the parallel steps run one call per core."""
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.with_options(options)
