@@ -36,8 +36,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from components.config import _NAME_RE as NAME_RE  # the rule for `name`, kept in one place
-from components.config import ALIAS_RE
+from components.config import ALIAS_RE, NAME_RE  # the rules for `name` and aliases, kept in one place
 from components.core import storage
 from components.core.errors import ConfigError, StageError
 from components.core.stamps import utc_now

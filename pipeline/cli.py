@@ -151,11 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline import cluster_cli
 
     cluster_cli.add_parsers(sub, common)
-    sub.add_parser(
+    config_parser = sub.add_parser(
         "config",
         parents=[common],
         help="print the resolved configuration (defaults + file + overrides) as YAML",
         description="Load, validate and print the configuration without running anything.",
+    )
+    config_parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="print the Markdown reference of every key (type, default, meaning) instead",
     )
     return parser
 
@@ -233,8 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command in cluster_cli.BY_NAME:
             return cluster_cli.by_name(args)
-        from components.config import load_config, to_yaml
+        from components.config import load_config, reference, to_yaml
 
+        if args.command == "config" and args.reference:
+            sys.stdout.write(reference())
+            return 0
         config = load_config(args.config, args.overrides)
         if args.command == "config":
             sys.stdout.write(to_yaml(config))

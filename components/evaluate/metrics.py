@@ -13,15 +13,10 @@ from typing import Any
 
 import numpy as np
 
-# Metrics the gate can decide on, and whether a higher value is better.
-HIGHER_IS_BETTER = {
-    "accuracy": True,
-    "top_k_accuracy": True,
-    "macro_f1": True,
-    "log_loss": False,
-    "ece": False,
-}
-GATE_METRICS = tuple(HIGHER_IS_BETTER)
+# The gate's metrics and their direction live with the config that checks gate.metric.
+from components.config.evaluate import GATE_METRICS
+from components.config.evaluate import HIGHER_IS_BETTER as HIGHER_IS_BETTER
+
 _EPSILON = 1e-7
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import sys
 import time
@@ -38,19 +37,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+from components.config.data import archive_suffix, url_scheme
 from components.core.errors import StageError
 from components.preprocess.archives import Budget, extract, failure, over
 
 if TYPE_CHECKING:
     from components.config import Config, DownloadLimitsConfig
 
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-DOWNLOAD_SCHEMES = ("", "https", "http", "gs")  # "": a local path
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 PROGRESS_SECONDS = 3.0  # at most one progress line per archive this often
 TIMEOUT_SECONDS = 60.0  # per connect or read, not for the whole download
 _CHUNK = 1024 * 1024
-_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
 @dataclass(frozen=True)
@@ -68,19 +64,6 @@ def as_archive(entry: str | Mapping[str, Any] | Archive) -> Archive:
     if isinstance(entry, str):
         return Archive(entry)
     return Archive(str(entry["url"]), str(entry.get("sha256", "")).lower())
-
-
-def url_scheme(url: str) -> str:
-    """The scheme of ``url`` in lower case (``https``, ``gs``), or ``""`` for a local path."""
-    match = _SCHEME_RE.match(url)
-    return match.group(1).lower() if match else ""
-
-
-def archive_suffix(url: str) -> str:
-    """The archive type of ``url`` from its path (query and fragment ignored), or ``""``."""
-    path = urllib.parse.urlsplit(url).path if url_scheme(url) else url
-    lower = path.lower()
-    return next((s for s in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True) if lower.endswith(s)), "")
 
 
 def ensure_source(config: Config) -> None:

@@ -17,6 +17,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from components.config.data import MANIFEST_SUFFIXES
 from components.core import storage
 from components.core.errors import ConfigError
 
@@ -31,7 +32,6 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
 _HEADER_NAMES = {"uri", "path", "image", "file", "filename"}
 
 # Problems found while listing (the pipeline turns them into dead letters).
