@@ -225,9 +225,27 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(level)
 
 
+# Commands that train or preprocess in this process. TensorFlow turns on oneDNN's CPU kernels
+# by default only on CPUs with AVX-512 VNNI/BF16 or AMX; on AVX2 machines (most laptops and
+# cloud VMs, AMD EPYC) it leaves them off, and fine-tuning MobileNetV2 runs at half the speed
+# (docs/performance.md, bench_cpu_kernels.py). Evaluate and push keep TensorFlow's default,
+# what TF Serving runs with, so their latency figures and push's warm-up match serving (oneDNN
+# makes one-image calls slower). TensorFlow reads the variable once, when first imported.
+TRAINING_COMMANDS = frozenset({"run", "preprocess", "train"})
+
+
+def tensorflow_options(command: str, environ: dict[str, str] | None = None) -> None:
+    """Sets the process-wide TensorFlow options ``command`` runs with, before TensorFlow is
+    imported; a value already in the environment (``TF_ENABLE_ONEDNN_OPTS=0``) wins."""
+    environ = os.environ if environ is None else environ
+    if command in TRAINING_COMMANDS:
+        environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``finetune`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    tensorflow_options(args.command)
     _setup_logging(args.verbose)
     try:
         if args.command == "registry":
@@ -258,10 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         import importlib
 
-        from pipeline.run import STAGES  # the one table of stage name -> module
+        from pipeline.orchestrator import stage  # the one table of stage name -> module
 
-        module = {stage.name: stage.module for stage in STAGES}[args.command]
-        importlib.import_module(module).run(config)
+        importlib.import_module(stage(args.command).module).run(config)
         return 0
     except ConfigError as e:
         print(f"finetune: error: {e}", file=sys.stderr)

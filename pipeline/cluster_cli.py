@@ -151,7 +151,7 @@ def with_config(config: Config, args: argparse.Namespace) -> int:
 
     _quiet(args.verbose)
     if args.command == "drive":
-        from pipeline.cluster import driver  # imports pipeline.run (Beam): only here
+        from pipeline.cluster import driver  # the Kubernetes client: only here
 
         check(config)
         driver.drive(config, connect(args.context, config.cluster.namespace), if_new_data=args.if_new_data)

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -20,7 +21,9 @@ from typing import Any
 
 import pytest
 
-import pipeline  # noqa: F401  (sets TensorFlow's CPU options before any test imports TensorFlow)
+# The tests train in-process, as `finetune train` does: its TensorFlow options (pipeline.cli),
+# set before any test imports TensorFlow.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 EMULATOR_BUCKET = "test-bucket"
 EMULATOR_PROJECT = "test-project"

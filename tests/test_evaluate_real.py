@@ -16,7 +16,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import tf_keras
 from PIL import Image
 
 from components import registry
@@ -25,7 +24,7 @@ from components.evaluate import scoring
 from components.evaluate import stage as evaluate_stage
 from components.preprocess import images as image_core
 from components.train import data
-from components.train import model as _registers_custom_layers  # noqa: F401
+from components.train import model as train_model
 from pipeline import run as pipeline_run
 from tests.browser import CHROMIUM_AVAILABLE, CHROMIUM_MISSING, open_in_chromium
 from tests.preprocess_helpers import SHARED
@@ -199,7 +198,7 @@ def test_export_is_hermetic(beans_run, tmp_path):
     files = data.record_files(os.path.join(run_dir, "preprocess"), "test")
     batch = next(scoring.batches(files, SIZE, 24))
     pixels = batch["pixels"].numpy()
-    trainer = tf_keras.models.load_model(os.path.join(run_dir, "train", "candidate", "model.keras"))
+    trainer = train_model.load_model(os.path.join(run_dir, "train", "candidate", "model.keras"), compile=True)
     expected = trainer.predict(pixels, verbose=0)
     pngs = []
     for image in pixels.astype(np.uint8):

@@ -19,6 +19,7 @@ from components.evaluate import export, scoring
 from components.evaluate import stage as evaluate_stage
 from components.push import stage as push_stage
 from components.train import data
+from components.train import model as train_model
 from pipeline.cli import main
 from tests.train_helpers import TINY_SIZE, train_config
 
@@ -163,11 +164,11 @@ def test_candidate_no_better_than_baseline_is_not_blessed_through_the_cli(tiny_t
 
 
 def test_export_decodes_other_formats_and_sizes(tiny_trained, tmp_path):
-    import tf_keras
 
     from components.train import model as _registers  # noqa: F401
 
-    keras_model = tf_keras.models.load_model(os.path.join(tiny_trained, "train", "candidate", "model.keras"))
+    candidate = os.path.join(tiny_trained, "train", "candidate", "model.keras")
+    keras_model = train_model.load_model(candidate, compile=True)
     with export.staged(keras_model, ["blue", "green", "red"], TINY_SIZE, 2) as local:
         served = tf.saved_model.load(local).signatures["serving_default"]
         rgb = np.zeros((80, 60, 3), np.uint8)

@@ -23,7 +23,7 @@ from components.config import load_config
 from components.core import storage
 from components.core.errors import ConfigError
 from components.preprocess import images, transforms
-from pipeline import run as orchestrator
+from pipeline import keys
 from tests.preprocess_helpers import out, read_jsonl, run_stage
 
 MiB = 2**20
@@ -108,7 +108,7 @@ def test_special_files_and_oversized_files_are_dead_letters_at_a_bounded_cost(tm
     rows += ["/dev/zero,cat", "big.jpg,dog"]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     settings = [f"data.source={tmp_path / 'm.csv'}", "run_dir=unused", "data.allowed_roots=[/dev]"]
-    assert len(orchestrator.input_fingerprint(load_config(None, settings))) == 64  # /dev/zero not read
+    assert len(keys.input_fingerprint(load_config(None, settings))) == 64  # /dev/zero not read
     summary = run_stage(
         str(tmp_path / "m.csv"),
         str(tmp_path / "run_m"),
@@ -130,9 +130,9 @@ def test_bounded_reads_and_streamed_digests(tmp_path):
         storage.read_bytes(big, max_bytes=MiB)
     # Hashing 1 GiB for the input fingerprint streams it: the process grows by chunks, not by the file.
     probe = (
-        "import resource, sys; from pipeline import run; "
+        "import resource, sys; from pipeline import keys; "
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "found = run._local_checksums([sys.argv[1]]); "
+        "found = keys._local_checksums([sys.argv[1]]); "
         "print(found[sys.argv[1]][0], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

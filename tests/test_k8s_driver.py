@@ -22,12 +22,15 @@ from kubernetes import client
 from components.config import Config, load_config
 from components.core import storage
 from components.core.errors import ConfigError, StageError
+from pipeline import keys, orchestrator
+from pipeline import record as run_record
 from pipeline import run as pipeline_run
 from pipeline.cli import build_parser, main
 from pipeline.cluster import cron, driver, jobs, render, views
 from pipeline.cluster.client import connect, to_model
 from pipeline.cluster.driver import DONE, RESTART, STOP, WAIT, next_action
 from pipeline.cluster.manifests import IF_NEW_DATA
+from pipeline.orchestrator import StageFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_CONFIG = str(ROOT / "configs" / "beans-cluster.yaml")
@@ -343,10 +346,10 @@ def test_status_shows_the_drivers_then_each_stage_and_the_schedule():
 
 
 def _stub_stages(monkeypatch, fail: str | None = None) -> None:
-    """pipeline.run's stage table with each stage's TensorFlow work replaced by writing its
+    """The orchestrator's stage table with each stage's TensorFlow work replaced by writing its
     summary.json (``fail``: that stage raises): the record code that writes run.json is real."""
     stages = []
-    for stage in pipeline_run.STAGES:
+    for stage in orchestrator.STAGES:
         module = types.ModuleType(f"k8s_test_stage_{stage.name}")
 
         def run(config: Config, name: str = stage.name) -> None:
@@ -361,8 +364,8 @@ def _stub_stages(monkeypatch, fail: str | None = None) -> None:
             folder = storage.join(config.run_dir, name)
             return {"dir": folder} if storage.exists(storage.join(folder, "summary.json")) else None
 
-        stages.append(pipeline_run.Stage(stage.name, module.__name__, finished))
-    monkeypatch.setattr(pipeline_run, "STAGES", tuple(stages))
+        stages.append(orchestrator.Stage(stage.name, module.__name__, finished))
+    monkeypatch.setattr(orchestrator, "STAGES", tuple(stages))
 
 
 def _data_config(tmp_path: Path) -> tuple[Config, Path]:
@@ -375,40 +378,61 @@ def _data_config(tmp_path: Path) -> tuple[Config, Path]:
 
 def test_a_scheduled_run_has_no_new_data_when_the_last_successful_run_saw_the_same(tmp_path, monkeypatch):
     config, source = _data_config(tmp_path)
-    assert driver.has_new_data(pipeline_run.read_record(config.run_dir), "anything")  # no run yet
+    assert run_record.has_new_data(run_record.load(config.run_dir), "anything")  # no run yet
     _stub_stages(monkeypatch)
     pipeline_run.run(config)
-    record = pipeline_run.read_record(config.run_dir)
-    assert record["status"] == "ok"
-    fingerprint = pipeline_run.input_fingerprint(config)  # the content of data.source, wherever it lies
-    assert record["input_fingerprint"] == fingerprint
-    assert not driver.has_new_data(record, fingerprint)
+    record = run_record.load(config.run_dir)
+    assert record.status == "ok"
+    fingerprint = keys.input_fingerprint(config)  # the content of data.source, wherever it lies
+    assert record.input_fingerprint == fingerprint
+    assert not run_record.has_new_data(record, fingerprint)
     (source / "rust" / "2.jpg").write_bytes(b"leaf-3")  # a new image
-    assert driver.has_new_data(record, pipeline_run.input_fingerprint(config))
+    assert run_record.has_new_data(record, keys.input_fingerprint(config))
+
+
+class _EvaluateFailsInJobs:
+    """An executor that records what the Kubernetes executor records when the evaluate Job
+    fails (the orchestrator's loop and run.json are real; only the cluster is absent)."""
+
+    name, resume, driver = "drive", "submit again", "kubernetes"
+
+    def groups(self, config):
+        return (("preprocess", ("preprocess",)), ("train", ("train",)), ("evaluate", ("evaluate", "push")))
+
+    def prepare(self, config):
+        pass
+
+    def execute(self, config, record, group, stages, why):
+        for stage in stages:
+            record.stages[stage].start(why, job=f"beans-{group[0]}")
+        if group[0] == "evaluate":
+            record.stages["evaluate"].fail(1.0, "DeadlineExceeded")
+            raise StageFailed("evaluate", "DeadlineExceeded")
+        for stage in stages:
+            record.stages[stage].done(1.0, orchestrator.outputs_of(config, stage))
 
 
 def test_a_failed_run_keeps_the_last_success_so_a_failure_is_not_mistaken_for_news(tmp_path, monkeypatch):
     config, source = _data_config(tmp_path)
     _stub_stages(monkeypatch)
     pipeline_run.run(config)
-    ok = pipeline_run.read_record(config.run_dir)
-    fingerprint = ok["input_fingerprint"]
+    ok = run_record.load(config.run_dir)
+    fingerprint = ok.input_fingerprint
     # the driver's record of the next run carries the last success forward, and fails
-    keys = pipeline_run.stage_keys(config, fingerprint)
-    record = driver.new_record(config, fingerprint, keys, ok)
-    record.update(status="failed", error="stage 'train' failed: ...")
-    driver.write_record(config, record)
-    failed = pipeline_run.read_record(config.run_dir)
-    assert failed["last_success"] == {"input_fingerprint": fingerprint, "finished": ok["finished"]}
-    assert not driver.has_new_data(failed, fingerprint)
-    assert failed["stages"]["push"]["reason"] == pipeline_run.NO_REGISTRY  # as pipeline.run records it
-    assert set(failed["stages"]) == {s.name for s in pipeline_run.STAGES}
+    with pytest.raises(StageError, match="stage 'evaluate' failed: DeadlineExceeded.*submit again"):
+        orchestrator.orchestrate(config, _EvaluateFailsInJobs(), force=True)
+    failed = run_record.load(config.run_dir)
+    assert failed.status == "failed" and failed.driver == "kubernetes"
+    assert failed.last_success == {"input_fingerprint": fingerprint, "finished": ok.finished}
+    assert not run_record.has_new_data(failed, fingerprint)
+    assert failed.stages["push"].reason == orchestrator.NO_REGISTRY  # as pipeline.run records it
+    assert set(failed.stages) == {s.name for s in orchestrator.STAGES}
     # a failed `finetune run` (pipeline.run's own record) knows no success: the next run goes ahead
     _stub_stages(monkeypatch, fail="train")
     with pytest.raises(StageError, match="stage 'train' failed: train broke"):
         pipeline_run.run(config, force=True)
-    assert pipeline_run.read_record(config.run_dir)["status"] == "failed"
-    assert driver.has_new_data(pipeline_run.read_record(config.run_dir), fingerprint)
+    assert run_record.load(config.run_dir).status == "failed"
+    assert run_record.has_new_data(run_record.load(config.run_dir), fingerprint)
 
 
 def test_the_cron_job_runs_the_driver_with_if_new_data_and_a_submitted_run_without():

@@ -308,7 +308,7 @@ def test_a_held_fingerprint_claim_is_waited_for_and_bounded(
 ) -> None:
     reg = str(tmp_path / "registry")
     run_dir = copy_run(blessed_runs[0], str(tmp_path / "run"))
-    fingerprint = push_stage.export_fingerprint(os.path.join(run_dir, "export", "saved_model"))
+    fingerprint = export.content_fingerprint(os.path.join(run_dir, "export", "saved_model"))
     assert registry_maintenance.hold_fingerprint(reg, NAME, fingerprint, {"who": "other@host"}) is None
     monkeypatch.setattr(push_stage, "FINGERPRINT_WAIT_S", 1.0)
     monkeypatch.setattr(push_stage, "FINGERPRINT_POLL_S", 0.1)

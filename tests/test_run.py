@@ -21,7 +21,9 @@ from PIL import Image
 from components.config import load_config
 from components.core import outputs, storage
 from components.core.errors import ConfigError, StageError
-from pipeline import run as orchestrator
+from pipeline import keys, orchestrator
+from pipeline import run as pipeline_run
+from pipeline.record import StageEntry
 from tests.train_helpers import copy_prepared, make_colour_images, train_config
 
 STAGE_NAMES = ("preprocess", "train", "evaluate", "push")
@@ -47,7 +49,7 @@ def _files(root, files: dict[str, bytes]) -> str:
 
 
 def _fingerprint(source: str) -> str:
-    return orchestrator.input_fingerprint(load_config(None, [f"data.source={source}", "run_dir=unused"]))
+    return keys.input_fingerprint(load_config(None, [f"data.source={source}", "run_dir=unused"]))
 
 
 FILES = {"cat/a.jpg": b"a" * 100, "cat/b.jpg": b"b" * 50, "dog/c.jpg": b"c" * 70}
@@ -130,7 +132,7 @@ def _config(*overrides: str):
 
 
 def _keys(*overrides: str) -> dict[str, str]:
-    return orchestrator.stage_keys(_config(*overrides), "f" * 64)
+    return keys.stage_keys(_config(*overrides), "f" * 64)
 
 
 def test_stage_keys_change_from_the_changed_stage_on():
@@ -147,10 +149,10 @@ def test_stage_keys_change_from_the_changed_stage_on():
         (["export.top_k=3"], "evaluate"),
         (["registry.uri=/reg"], "push"),
     ):
-        keys = _keys(*overrides)
-        changed = [s for s in STAGE_NAMES if keys[s] != base[s]]
+        now = _keys(*overrides)
+        changed = [s for s in STAGE_NAMES if now[s] != base[s]]
         assert changed == list(STAGE_NAMES[STAGE_NAMES.index(first_changed) :]), overrides
-    assert orchestrator.stage_keys(_config(), "0" * 64)["preprocess"] != base["preprocess"]
+    assert keys.stage_keys(_config(), "0" * 64)["preprocess"] != base["preprocess"]
 
 
 def test_execution_only_keys_and_paths_do_not_change_any_key():
@@ -165,14 +167,17 @@ def test_execution_only_keys_and_paths_do_not_change_any_key():
         "registry.production_alias=live",
         "model.image_size=224",  # mobilenet_v2's default: the same size as 0
     )
-    assert set(orchestrator.config_slice(_config(), "push")) == {"registry.uri", "registry.promote_to"}
+    assert set(keys.config_slice(_config(), "push")) == {"registry.uri", "registry.promote_to"}
     champion = _config("registry.uri=/reg", "gate.compare_to_production=true")
-    assert orchestrator.config_slice(champion, "evaluate")["registry.production_alias"] == "production"
+    assert keys.config_slice(champion, "evaluate")["registry.production_alias"] == "production"
 
 
 def test_decide_skips_only_a_finished_stage_with_the_same_key():
     done = {"status": "skipped", "key": "k", "completed": "2026-11-26T09:30:00Z"}
-    assert orchestrator.decide(done, "k", False, False) == (True, "unchanged since 2026-11-26T09:30:00Z")
+    assert keys.decide(StageEntry.from_json(done), "k", False, False) == (
+        True,
+        "unchanged since 2026-11-26T09:30:00Z",
+    )
     for previous, key, earlier_ran, force, why in (
         (done, "k", False, True, "--force"),
         (done, "k", True, False, "an earlier stage ran"),
@@ -181,7 +186,10 @@ def test_decide_skips_only_a_finished_stage_with_the_same_key():
         ({"status": "failed", "key": "k"}, "k", False, False, "it failed last time"),
         ({"status": "running", "key": "k"}, "k", False, False, "it was interrupted"),
     ):
-        assert orchestrator.decide(previous, key, earlier_ran, force) == (False, why)
+        assert keys.decide(previous and StageEntry.from_json(previous), key, earlier_ran, force) == (
+            False,
+            why,
+        )
 
 
 # --- the run with fake stages ------------------------------------------------------------------
@@ -257,7 +265,7 @@ def fake_config(tmp_path):
 
 
 def test_fake_run_skips_reruns_and_forces(fakes, fake_config, capsys):
-    record = orchestrator.run(fake_config())
+    record = pipeline_run.run(fake_config())
     assert fakes.calls == ["preprocess", "train", "evaluate"]
     assert _statuses(record) == {"preprocess": "ok", "train": "ok", "evaluate": "ok", "push": "skipped"}
     assert record["stages"]["push"]["reason"] == "registry.uri is not set"
@@ -266,23 +274,23 @@ def test_fake_run_skips_reruns_and_forces(fakes, fake_config, capsys):
     assert "[run] verdict: NOT BLESSED: fake verdict" in out
     assert "[run] registry: no version (registry.uri is not set)" in out
     fakes.calls.clear()
-    orchestrator.run(fake_config("train.baseline_epochs=9"))
+    pipeline_run.run(fake_config("train.baseline_epochs=9"))
     assert fakes.calls == ["train", "evaluate"]
     assert "[run] 1/4 preprocess: unchanged since 20" in capsys.readouterr().out
     fakes.calls.clear()
-    orchestrator.run(fake_config("train.baseline_epochs=9", "evaluate.seed=3"))
+    pipeline_run.run(fake_config("train.baseline_epochs=9", "evaluate.seed=3"))
     assert fakes.calls == ["evaluate"]
     fakes.calls.clear()
-    record = orchestrator.run(fake_config("train.baseline_epochs=9", "evaluate.seed=3"), force=True)
+    record = pipeline_run.run(fake_config("train.baseline_epochs=9", "evaluate.seed=3"), force=True)
     assert fakes.calls == ["preprocess", "train", "evaluate"] and record["force"] is True
     assert all(e["reason"] == "--force" for e in list(record["stages"].values())[:3])
 
 
 def test_fake_run_reruns_a_stage_whose_outputs_are_gone_and_the_ones_after(fakes, fake_config, tmp_path):
-    orchestrator.run(fake_config())
+    pipeline_run.run(fake_config())
     os.remove(tmp_path / "run" / "train" / "candidate" / "model.keras")
     fakes.calls.clear()
-    record = orchestrator.run(fake_config())
+    record = pipeline_run.run(fake_config())
     assert fakes.calls == ["train", "evaluate"]
     assert record["stages"]["train"]["reason"] == "its outputs are gone"
     assert record["stages"]["evaluate"]["reason"] == "an earlier stage ran"
@@ -302,7 +310,7 @@ def test_fake_failure_is_recorded_and_the_next_run_resumes(fakes, fake_config, t
     fakes.during["train"] = running_is_on_disk
     fakes.fail["train"] = ZeroDivisionError("division by zero")
     with pytest.raises(StageError) as raised:
-        orchestrator.run(fake_config())
+        pipeline_run.run(fake_config())
     assert str(raised.value) == (
         "stage 'train' failed: ZeroDivisionError: division by zero; outputs of preprocess are kept; "
         "re-run to resume from train"
@@ -318,22 +326,22 @@ def test_fake_failure_is_recorded_and_the_next_run_resumes(fakes, fake_config, t
     del fakes.fail["train"], fakes.during["train"]
     fakes.fail["evaluate"] = KeyboardInterrupt()  # killed: the record says what was running
     with pytest.raises(KeyboardInterrupt):
-        orchestrator.run(fake_config())
+        pipeline_run.run(fake_config())
     assert _statuses(_on_disk(tmp_path / "run"))["evaluate"] == "running"
     fakes.calls.clear()
     del fakes.fail["evaluate"]
-    record = orchestrator.run(fake_config())
+    record = pipeline_run.run(fake_config())
     assert fakes.calls == ["evaluate"] and record["stages"]["evaluate"]["reason"] == "it was interrupted"
 
 
 def test_fake_push_runs_with_a_registry_blessed_or_not(fakes, fake_config, tmp_path, capsys):
     registry = f"registry.uri={tmp_path / 'registry'}"
-    record = orchestrator.run(fake_config(registry))
+    record = pipeline_run.run(fake_config(registry))
     assert fakes.calls[-1] == "push" and record["stages"]["push"]["status"] == "ok"
     assert record["stages"]["push"]["outputs"]["reason"] == "not blessed; nothing pushed"
     assert "[run] registry: no version (not blessed; nothing pushed)" in capsys.readouterr().out
     fakes.blessed, fakes.calls[:] = True, []
-    record = orchestrator.run(fake_config(registry, "gate.min_improvement=-1"))
+    record = pipeline_run.run(fake_config(registry, "gate.min_improvement=-1"))
     assert fakes.calls == ["evaluate", "push"]
     assert record["stages"]["evaluate"]["outputs"]["export"].endswith("saved_model")
     out = capsys.readouterr().out
@@ -371,10 +379,10 @@ def test_real_stages_skip_when_up_to_date_and_resume_after_a_failure(tmp_path, m
 
     source, run_dir = tmp_path / "images", tmp_path / "run"
     make_colour_images(str(source), per_class=15)
-    record = orchestrator.run(_real_config(source, run_dir))
+    record = pipeline_run.run(_real_config(source, run_dir))
     assert _statuses(record) == {"preprocess": "ok", "train": "ok", "evaluate": "ok", "push": "skipped"}
     assert _on_disk(run_dir) == json.loads(json.dumps(record))
-    assert record["input_fingerprint"] == orchestrator.input_fingerprint(_real_config(source, run_dir))
+    assert record["input_fingerprint"] == keys.input_fingerprint(_real_config(source, run_dir))
     assert record["stages"]["evaluate"]["outputs"]["blessed"] is False
     out = capsys.readouterr().out
     for line in (
@@ -400,7 +408,7 @@ def test_real_stages_skip_when_up_to_date_and_resume_after_a_failure(tmp_path, m
         ),
         ("source moved", move_source),
     ):
-        record = orchestrator.run(make())
+        record = pipeline_run.run(make())
         assert set(_statuses(record).values()) == {"skipped"} and _mtimes(run_dir) == before, label
         assert "[run] 2/4 train: unchanged since " in capsys.readouterr().out
 
@@ -409,10 +417,10 @@ def test_real_stages_skip_when_up_to_date_and_resume_after_a_failure(tmp_path, m
 
     monkeypatch.setattr(evaluate_stage, "run", gate_fails)
     with pytest.raises(StageError, match="stage 'evaluate' failed: the gate cannot decide; outputs of "):
-        orchestrator.run(_real_config(moved, run_dir, "evaluate.seed=1"))
+        pipeline_run.run(_real_config(moved, run_dir, "evaluate.seed=1"))
     assert _statuses(_on_disk(run_dir))["evaluate"] == "failed"
     monkeypatch.undo()
-    record = orchestrator.run(_real_config(moved, run_dir, "evaluate.seed=1"))
+    record = pipeline_run.run(_real_config(moved, run_dir, "evaluate.seed=1"))
     assert _statuses(record) == {
         "preprocess": "skipped",
         "train": "skipped",
@@ -420,7 +428,7 @@ def test_real_stages_skip_when_up_to_date_and_resume_after_a_failure(tmp_path, m
         "push": "skipped",
     }
     assert _mtimes(run_dir)["train"] == before["train"] != _mtimes(run_dir)["evaluate"]
-    record = orchestrator.run(
+    record = pipeline_run.run(
         _real_config(moved, run_dir, "evaluate.seed=1", f"registry.uri={tmp_path / 'reg'}")
     )
     assert [e["status"] for e in record["stages"].values()] == ["skipped", "skipped", "skipped", "ok"]
@@ -435,7 +443,7 @@ def test_real_stages_skip_when_up_to_date_and_resume_after_a_failure(tmp_path, m
 
     monkeypatch.setattr(train_stage, "run", train_fails)
     with pytest.raises(StageError, match="stage 'train' failed: .*re-run to resume from train"):
-        orchestrator.run(_real_config(moved, run_dir, "evaluate.seed=1"))
+        pipeline_run.run(_real_config(moved, run_dir, "evaluate.seed=1"))
     assert (
         _statuses(_on_disk(run_dir))["preprocess"] == "ok"
         and _mtimes(run_dir)["preprocess"] > before["preprocess"]
@@ -457,7 +465,7 @@ def test_a_skip_checks_every_shard_preprocessing_recorded(tiny_prepared, tmp_pat
         data = open(os.path.join(folder, rel), "rb").read()
         assert facts == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, rel
 
-    finished = orchestrator.STAGE_BY_NAME["preprocess"].finished
+    finished = orchestrator.stage("preprocess").finished
     config = train_config(run_dir)
     assert (
         finished(config)["records"]

@@ -21,7 +21,7 @@ from components.core import outputs, scratch
 from components.evaluate import stage as evaluate_stage
 from components.push import stage as push_stage
 from components.train import stage as train_stage
-from pipeline import run as orchestrator
+from pipeline import orchestrator
 from pipeline.cli import main
 from tests.train_helpers import TINY_SIZE, copy_trained, make_colour_images, train_config
 
@@ -112,7 +112,7 @@ def test_skips_key_on_the_models_and_the_export_they_used(tiny_trained, tmp_path
     verdict = evaluate_stage.run(config)
     pushed = push_stage.run(config)
     assert pushed["fingerprint"] == verdict["export"]["fingerprint"]  # what push published
-    finished = {name: orchestrator.STAGE_BY_NAME[name].finished for name in ("train", "evaluate", "push")}
+    finished = {name: orchestrator.stage(name).finished for name in ("train", "evaluate", "push")}
     assert all(check(config) is not None for check in finished.values())
 
     model = os.path.join(run_dir, "train", "candidate", "model.keras")

@@ -15,12 +15,12 @@ from components.config import load_config
 from components.core.errors import StageError
 from components.preprocess import stage as preprocess_stage
 from components.train import data, phases, stage
-from components.train import model as _registers_custom_layers  # noqa: F401
+from components.train import model as train_model
 from tests.train_helpers import TINY_SIZE, copy_prepared, copy_trained, make_colour_images, train_config
 
 
 def _load(path: str):
-    return tf_keras.models.load_model(path)
+    return train_model.load_model(path, compile=True)
 
 
 def _eval_images(run_dir: str):

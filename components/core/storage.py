@@ -17,6 +17,7 @@ import errno
 import functools
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -25,12 +26,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
 _CHUNK = 8 * 1024 * 1024
 _WRITE_BUFFER = 1024 * 1024
-_RAW = CompressionTypes.UNCOMPRESSED  # never let Beam (de)compress by file extension
+_RAW = "uncompressed"  # Beam's CompressionTypes.UNCOMPRESSED: never (de)compress by file extension
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def _filesystems():
+    """Beam's ``FileSystems``, for URIs with a scheme only: imported on first use, so that
+    local paths (and the processes that only touch them) never import Beam."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ def is_absolute(uri: str) -> bool:
 
 
 def _is_local(uri: str) -> bool:
-    return FileSystems.get_scheme(uri) is None
+    return _SCHEME.match(uri) is None
 
 
 def join(base: str, *parts: str) -> str:
@@ -78,7 +85,7 @@ def _dir(prefix: str) -> str:
 
 def _remote_match(directory: str, limit: int | None = None) -> list[FileInfo]:
     """Objects under a remote directory, placeholders included, unsorted."""
-    result = FileSystems.match([directory + "**"], limits=[limit])[0]
+    result = _filesystems().match([directory + "**"], limits=[limit])[0]
     return [FileInfo(m.path, m.size_in_bytes) for m in result.metadata_list]
 
 
@@ -117,7 +124,7 @@ def exists(uri: str) -> bool:
         if os.path.isfile(uri):
             return True
         return os.path.isdir(uri) and any(names for _, _, names in os.walk(uri))
-    if not uri.endswith("/") and FileSystems.exists(uri):
+    if not uri.endswith("/") and _filesystems().exists(uri):
         return True
     first = _remote_match(_dir(uri), limit=1)
     # When the first object found is a folder placeholder, look for a real file.
@@ -148,7 +155,7 @@ def _iter_chunks(uri: str, size: int = _CHUNK) -> Iterator[bytes]:
             if not stat.S_ISREG(mode):
                 raise NotAFile(uri, _special_kind(mode))
     try:
-        handle = open(uri, "rb") if _is_local(uri) else FileSystems.open(uri, compression_type=_RAW)
+        handle = open(uri, "rb") if _is_local(uri) else _filesystems().open(uri, compression_type=_RAW)
         with handle:
             while chunk := handle.read(size):
                 yield chunk
@@ -156,7 +163,7 @@ def _iter_chunks(uri: str, size: int = _CHUNK) -> Iterator[bytes]:
         # GCS opens lazily and fails on the first read with google.api_core's NotFound.
         missing = isinstance(exc, FileNotFoundError)
         with contextlib.suppress(Exception):
-            missing = missing or (not _is_local(uri) and not FileSystems.exists(uri))
+            missing = missing or (not _is_local(uri) and not _filesystems().exists(uri))
         if missing:
             raise FileNotFoundError(errno.ENOENT, "No such file", uri) from exc
         raise
@@ -210,7 +217,7 @@ def write_chunks(uri: str, chunks: Iterable[bytes]) -> None:
     if not _is_local(uri):
         # GCS commits the object on close; leaving the block with an error cancels the
         # upload instead (BlobWriter.__exit__ -> terminate), so no partial object lands.
-        with FileSystems.create(uri, compression_type=_RAW) as handle:
+        with _filesystems().create(uri, compression_type=_RAW) as handle:
             for chunk in chunks:
                 handle.write(chunk)
         return
@@ -241,7 +248,7 @@ def open_for_write(uri: str) -> BinaryIO:
     that many small pieces cost few system calls.
     """
     if not _is_local(uri):
-        return FileSystems.create(uri, compression_type=_RAW)
+        return _filesystems().create(uri, compression_type=_RAW)
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     return open(uri, "wb", buffering=_WRITE_BUFFER)
 
@@ -266,6 +273,11 @@ def _gcs_client(endpoint: str | None):
     from google.cloud import storage as gcs
 
     return gcs.Client()
+
+
+def gcs_client():
+    """The google-cloud-storage client for gs:// (honours ``STORAGE_EMULATOR_HOST``)."""
+    return _gcs_client(os.environ.get("STORAGE_EMULATOR_HOST"))
 
 
 def _gcs_blob(uri: str):
@@ -322,7 +334,7 @@ def delete_file(uri: str) -> None:
             _gcs_blob(uri).delete()
         return
     if not _is_local(uri):
-        FileSystems.delete([uri])
+        _filesystems().delete([uri])
         return
     with contextlib.suppress(FileNotFoundError):
         os.remove(uri)
@@ -336,7 +348,7 @@ def modified(uri: str) -> float:
     """
     if _is_local(uri):
         return os.stat(uri).st_mtime
-    return FileSystems.last_updated(uri)
+    return _filesystems().last_updated(uri)
 
 
 def delete_tree(prefix: str) -> None:
@@ -352,11 +364,11 @@ def delete_tree(prefix: str) -> None:
             os.remove(prefix)
         return
     directory = _dir(prefix)
-    if not prefix.endswith("/") and FileSystems.exists(prefix):
-        FileSystems.delete([prefix])
+    if not prefix.endswith("/") and _filesystems().exists(prefix):
+        _filesystems().delete([prefix])
     # Recursive delete of the prefix (placeholders too); Beam only logs its failures,
     # so check that nothing is left.
-    FileSystems.delete([directory])
+    _filesystems().delete([directory])
     if _remote_match(directory, limit=1):
         raise OSError(f"could not delete everything under {directory}")
 
@@ -369,7 +381,7 @@ def _pairs(src_prefix: str, dst_prefix: str) -> list[tuple[str, str]]:
 
 
 def _same_remote(src: str, dst: str) -> bool:
-    return not _is_local(src) and FileSystems.get_scheme(src) == FileSystems.get_scheme(dst)
+    return not _is_local(src) and _filesystems().get_scheme(src) == _filesystems().get_scheme(dst)
 
 
 def copy_file(src: str, dst: str) -> None:
@@ -389,7 +401,7 @@ def copy_tree(src_prefix: str, dst_prefix: str) -> int:
     """
     pairs = _pairs(src_prefix, dst_prefix)
     if pairs and _same_remote(src_prefix, dst_prefix):
-        FileSystems.copy([s for s, _ in pairs], [d for _, d in pairs])
+        _filesystems().copy([s for s, _ in pairs], [d for _, d in pairs])
     else:
         for src, dst in pairs:
             write_chunks(dst, _iter_chunks(src))
@@ -424,7 +436,7 @@ def move_tree(src_prefix: str, dst_prefix: str) -> int:
             os.rename(os.path.abspath(src_prefix), dst)
             return len(pairs)
     if _same_remote(src_prefix, dst_prefix):
-        FileSystems.rename([s for s, _ in pairs], [d for _, d in pairs])  # copy, then delete
+        _filesystems().rename([s for s, _ in pairs], [d for _, d in pairs])  # copy, then delete
         return len(pairs)
     copy_tree(src_prefix, dst_prefix)
     delete_tree(src_prefix)

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-import tf_keras
 
 from components import registry
 from components.config import Config, to_yaml
@@ -32,8 +31,9 @@ from components.core import outputs, storage
 from components.core.errors import StageError
 from components.evaluate import export, gate, metrics, report, scoring
 from components.preprocess import schema
-from components.train import data
-from components.train import model as _registers_custom_layers  # noqa: F401
+from components.preprocess.output import PreprocessOutput
+from components.train import data, model
+from components.train.output import TrainOutput
 
 STAGE = "evaluate"
 PHASES = ("baseline", "candidate")
@@ -49,24 +49,21 @@ def run(config: Config) -> dict[str, Any]:
     """Evaluates, decides, exports when blessed, reports; returns the verdict as written."""
     started = time.perf_counter()
     out = storage.join(config.run_dir, STAGE)
-    prep_dir, train_dir = (
-        outputs.stage_dir(config.run_dir, "preprocess"),
-        outputs.stage_dir(config.run_dir, "train"),
-    )
-    summary = outputs.read_summary(config.run_dir, "preprocess")
-    classes, size = list(summary["classes"]), int(summary["image_size"])
-    if not int(summary["records"].get("test", 0)):
+    prep = PreprocessOutput.read(config.run_dir)
+    classes, size = prep.classes, prep.image_size
+    if not prep.records.get("test", 0):
         raise StageError(
-            f"the test split of {prep_dir} is empty: nothing to decide on; give the data a test split "
+            f"the test split of {prep.dir} is empty: nothing to decide on; give the data a test split "
             "(a test/ folder, a manifest split column, or data.split.test > 0) and re-run preprocessing"
         )
-    outputs.read_summary(config.run_dir, "train")
+    trained = TrainOutput.read(config.run_dir)
+    train_dir = trained.dir
     export_dir = storage.join(config.run_dir, EXPORT)
     outputs.check_owned(out, STAGE)  # before any work: never delete a user's file
     outputs.check_owned(export_dir, EXPORT)
-    test_files = data.record_files(prep_dir, "test")
-    models = {phase: _load_model(storage.join(train_dir, phase, "model.keras")) for phase in PHASES}
-    model_files = outputs.file_facts(train_dir, outputs.MODEL_FILES)  # what this verdict is about
+    test_files = data.record_files(prep.dir, "test")
+    models = {phase: _load_model(trained.model_path(phase)) for phase in PHASES}
+    model_files = trained.current_models()  # what this verdict is about
     storage.delete_tree(out)
     outputs.mark_owned(out, STAGE)
     storage.write_text(storage.join(out, "config.yaml"), to_yaml(config))
@@ -81,15 +78,13 @@ def run(config: Config) -> dict[str, Any]:
     storage.delete_tree(export_dir)  # never leave an older export behind
     facts = {phase: _model_facts(models[phase], train_dir, phase, size) for phase in PHASES}
     if verdict["blessed"]:
-        verdict["export"] = _export(config, models["candidate"], summary, test_files, scored, verdict)
+        verdict["export"] = _export(config, models["candidate"], prep, test_files, scored, verdict)
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(results, indent=2) + "\n")
     storage.write_text(storage.join(out, "verdict.json"), json.dumps(verdict, indent=2) + "\n")
     storage.write_text(storage.join(out, MARKERS[verdict["blessed"]]), verdict["reason"] + "\n")
     outputs.mark_owned(out, STAGE, sealed=True)
     report_path = storage.join(config.run_dir, "report.html")
-    report.write_report(
-        report_path, _report_data(config, summary, train_dir, results, verdict, scored, facts)
-    )
+    report.write_report(report_path, _report_data(config, prep, train_dir, results, verdict, scored, facts))
     say(f"done in {time.perf_counter() - started:.1f} s; report: {report_path}")
     return verdict
 
@@ -123,7 +118,7 @@ def _load_model(path: str) -> Any:
     if not storage.exists(path):
         raise StageError(f"model {path} not found; run `finetune train` with this config first")
     with storage.local_copy(path) as local:
-        return tf_keras.models.load_model(local, compile=False)
+        return model.load_model(local)
 
 
 def _find_champion(config: Config, classes: list[str]) -> tuple[tuple[int, Any] | None, str | None]:
@@ -162,14 +157,14 @@ def _model_facts(keras_model: Any, train_dir: str, phase: str, size: int) -> dic
 def _export(
     config: Config,
     keras_model: Any,
-    summary: dict[str, Any],
+    prep: PreprocessOutput,
     test_files: list[str],
     scored: scoring.Scored,
     verdict: dict[str, Any],
 ) -> dict[str, Any]:
     """Stages the SavedModel, checks it against the trained model on the test split, adds
     the TFLite model, then publishes (``saved_model.pb`` last)."""
-    classes, size = list(summary["classes"]), int(summary["image_size"])
+    classes, size = prep.classes, prep.image_size
     export_dir = storage.join(config.run_dir, EXPORT)
     target = storage.join(export_dir, "saved_model")
     outputs.mark_owned(export_dir, EXPORT)  # all of it is this stage's until it is sealed
@@ -200,9 +195,7 @@ def _export(
         }
         if export.wants_tflite(config.export.tflite, config.model.backbone):
             facts["tflite"] = _tflite(config, keras_model, export_dir, test_files, classes, size, facts)
-        extra = export.describe(
-            {**verdict, "export": facts}, fingerprint(config.run_dir, summary), to_yaml(config)
-        )
+        extra = export.describe({**verdict, "export": facts}, fingerprint(prep), to_yaml(config))
         facts["size_bytes"] = export.publish(local, target, classes, extra)
         facts["fingerprint"] = export.content_fingerprint(local)  # what push will publish
         outputs.mark_owned(export_dir, EXPORT, sealed=True)
@@ -244,10 +237,10 @@ def _tflite(
     }
 
 
-def fingerprint(run_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
+def fingerprint(prep: PreprocessOutput) -> dict[str, Any]:
     """What the model was trained and tested on: a SHA-256 over every TFRecord shard (names
     and bytes, in order) with the counts, classes and source."""
-    prep_dir = storage.join(run_dir, "preprocess")
+    prep_dir = prep.dir
     digest = hashlib.sha256()
     for split in ("train", "eval", "test"):
         for info in storage.list_files(storage.join(prep_dir, split)):
@@ -256,16 +249,16 @@ def fingerprint(run_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
                 digest.update(storage.read_bytes(info.uri))
     return {
         "sha256": digest.hexdigest(),
-        "source": summary.get("source"),
-        "records": summary["records"],
-        "classes": summary["classes"],
-        "image_size": summary["image_size"],
+        "source": prep.summary.get("source"),
+        "records": prep.summary["records"],
+        "classes": prep.classes,
+        "image_size": prep.image_size,
     }
 
 
 def _report_data(
     config: Config,
-    summary: dict[str, Any],
+    prep: PreprocessOutput,
     train_dir: str,
     results: dict[str, Any],
     verdict: dict[str, Any],
@@ -282,9 +275,9 @@ def _report_data(
         "run_dir": config.run_dir,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "backbone": config.model.backbone,
-        "image_size": summary["image_size"],
-        "classes": list(summary["classes"]),
-        "preprocess": summary,
+        "image_size": prep.image_size,
+        "classes": prep.classes,
+        "preprocess": prep.summary,
         "histories": histories,
         "metrics": {
             "baseline": results["baseline"],

@@ -45,6 +45,8 @@ from components.core import outputs, scratch, storage
 from components.core.errors import StageError
 from components.core.stamps import code_version, utc_now
 from components.evaluate import export
+from components.evaluate.output import Verdict
+from components.preprocess.output import PreprocessOutput
 from components.push import serving
 
 STAGE = "push"
@@ -70,9 +72,9 @@ def run(config: Config) -> dict[str, Any]:
             "registry.uri is not set: name a local directory or gs:// prefix, "
             "e.g. --set registry.uri=registry"
         )
-    verdict = _read_verdict(config.run_dir)
-    if not verdict["blessed"]:
-        result = {"pushed": False, "version": None, "reason": f"not blessed: {verdict['reason']}"}
+    verdict = Verdict.read(config.run_dir)
+    if not verdict.blessed:
+        result = {"pushed": False, "version": None, "reason": f"not blessed: {verdict.reason}"}
     else:
         result = _push(config, verdict)
     if config.registry.promote_to and result["version"] is not None:
@@ -91,20 +93,7 @@ def run(config: Config) -> dict[str, Any]:
     return summary
 
 
-def _read_verdict(run_dir: str) -> dict[str, Any]:
-    path = storage.join(outputs.stage_dir(run_dir, "evaluate"), "verdict.json")
-    if not storage.exists(path):
-        raise StageError(f"{path} not found; run `finetune evaluate` with this config first")
-    return json.loads(storage.read_text(path))
-
-
-def export_fingerprint(saved_model_dir: str) -> str:
-    """The export's content fingerprint (``export.content_fingerprint``): what evaluate
-    recorded in the verdict, and what the registry finds a published version by."""
-    return export.content_fingerprint(saved_model_dir)
-
-
-def _push(config: Config, verdict: dict[str, Any]) -> dict[str, Any]:
+def _push(config: Config, verdict: Verdict) -> dict[str, Any]:
     uri, name = config.registry.uri, config.name
     source = storage.join(config.run_dir, "export", "saved_model")
     if not storage.exists(storage.join(source, export.SAVED_MODEL_PB)):
@@ -113,7 +102,7 @@ def _push(config: Config, verdict: dict[str, Any]) -> dict[str, Any]:
         )
     with _staging(uri, name) as (staged, staging_id):
         storage.copy_tree(source, staged)
-        fingerprint = export_fingerprint(staged)
+        fingerprint = export.content_fingerprint(staged)  # what evaluate recorded in the verdict
         existing = _take_fingerprint(uri, name, fingerprint, staging_id)
         if existing is not None:
             return {
@@ -160,7 +149,7 @@ def _take_fingerprint(uri: str, name: str, fingerprint: str, staging_id: str) ->
 
 
 def _publish(
-    config: Config, verdict: dict[str, Any], staged: str, staging_id: str, fingerprint: str
+    config: Config, verdict: Verdict, staged: str, staging_id: str, fingerprint: str
 ) -> dict[str, Any]:
     """Steps 4-8 of the module docstring, while holding the export's fingerprint claim."""
     uri, name = config.registry.uri, config.name
@@ -174,7 +163,7 @@ def _publish(
     labels = _complete_extra(config, staged, facts)
     say(f"infra validation of the staged model ({len(labels)} classes)")
     infra = serving.validate(staged, labels)
-    record = _record(verdict, facts, staged, infra, labels)
+    record = _record(verdict.data, facts, staged, infra, labels)
     claim = {"who": facts["created_by"], "claimed": utc_now(), "fingerprint": fingerprint}
     claim |= {"staging": staging_id, "files": _digests(staged), "record": record}
     version = registry.claim_version(uri, name, claim)
@@ -230,13 +219,13 @@ def _complete_extra(config: Config, staged: str, facts: dict[str, Any]) -> list[
     extra = os.path.join(staged, export.EXTRA)
     with open(os.path.join(extra, export.LABELS_FILE), encoding="utf-8") as f:
         labels = f.read().splitlines()
-    summary = outputs.read_summary(config.run_dir, "preprocess")
+    image_size = PreprocessOutput.read(config.run_dir).image_size
     metrics = storage.join(outputs.stage_dir(config.run_dir, "evaluate"), METRICS_FILE)
     if storage.exists(metrics):
         storage.copy_file(metrics, os.path.join(extra, METRICS_FILE))
     with open(os.path.join(extra, PUSH_FILE), "w", encoding="utf-8") as f:
         f.write(json.dumps(facts, indent=2) + "\n")
-    serving.write_warmup(staged, serving.warmup_requests(config.name, int(summary["image_size"])))
+    serving.write_warmup(staged, serving.warmup_requests(config.name, image_size))
     return labels
 
 

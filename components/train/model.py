@@ -24,10 +24,7 @@ import tf_keras
 
 from components import backbones
 
-CUSTOM_PACKAGE = "finetune"
 
-
-@tf_keras.saving.register_keras_serializable(package=CUSTOM_PACKAGE)
 class BackbonePreprocess(tf_keras.layers.Layer):
     """The backbone's ``preprocess_input`` as a layer, so saved models take raw 0-255 RGB."""
 
@@ -40,6 +37,17 @@ class BackbonePreprocess(tf_keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "backbone": self.backbone}
+
+
+# The custom objects a saved model of this project needs, passed explicitly wherever one is
+# loaded (nothing is registered as a side effect of an import). Both names: a model saved while
+# the layer was registered under the "finetune" package records it as "finetune>...".
+CUSTOM_OBJECTS = {"BackbonePreprocess": BackbonePreprocess, "finetune>BackbonePreprocess": BackbonePreprocess}
+
+
+def load_model(path: str, compile: bool = False) -> Any:
+    """A saved ``model.keras`` of this project (a local path), with its custom layer."""
+    return tf_keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, compile=compile)
 
 
 @dataclass

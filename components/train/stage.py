@@ -28,6 +28,7 @@ import tf_keras
 from components.config import Config, resolved_image_size, to_yaml
 from components.core import outputs, storage
 from components.core.errors import StageError
+from components.preprocess.output import PreprocessOutput
 from components.train import data, distribute, model, phases
 from components.train.phases import Inputs, Run
 
@@ -46,23 +47,21 @@ def read_inputs(config: Config) -> Inputs:
         StageError: preprocessing has not run or failed, or its image size differs from
             ``model.image_size``.
     """
-    prep = outputs.stage_dir(config.run_dir, "preprocess")
-    summary = outputs.read_summary(config.run_dir, "preprocess")
+    prep = PreprocessOutput.read(config.run_dir)
     size = resolved_image_size(config)
-    if summary["image_size"] != size:
+    if prep.image_size != size:
         raise StageError(
-            f"the TFRecords hold {summary['image_size']} px images but model.image_size resolves to {size}; "
-            f"set model.image_size={summary['image_size']} or re-run `finetune preprocess`"
+            f"the TFRecords hold {prep.image_size} px images but model.image_size resolves to {size}; "
+            f"set model.image_size={prep.image_size} or re-run `finetune preprocess`"
         )
-    records = summary["records"]
     return Inputs(
-        classes=list(summary["classes"]),
+        classes=prep.classes,
         image_size=size,
-        train_files=data.record_files(prep, "train"),
-        eval_files=data.record_files(prep, "eval") if records.get("eval") else [],
-        num_train=int(records["train"]),
-        num_eval=int(records.get("eval", 0)),
-        digest=outputs.records_digest(summary),
+        train_files=data.record_files(prep.dir, "train"),
+        eval_files=data.record_files(prep.dir, "eval") if prep.records.get("eval") else [],
+        num_train=prep.records["train"],
+        num_eval=prep.records.get("eval", 0),
+        digest=prep.records_digest(),
     )
 
 

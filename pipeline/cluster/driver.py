@@ -1,12 +1,12 @@
 """``finetune drive``: the run on a cluster, from the driver pod (the driver Job of ``jobs``).
 
-A small state machine whose decisions are pure functions of what the API returns:
-:func:`job_state` reads a Job (the API's JSON) into a :class:`JobState`, :func:`next_action`
-turns it into WAIT, DONE, RESTART or STOP, :func:`has_new_data` decides whether a scheduled
-run has anything to do. The loop in :func:`drive` only creates Jobs, polls them and writes
-``<run_dir>/run.json`` in the record format of ``pipeline.run`` (and with its stage keys, so a
-stage is skipped when it is up to date, and a retried driver resumes where the last one
-stopped).
+The Kubernetes executor of the one orchestrator (``pipeline.orchestrator``, which decides,
+records ``run.json`` and reports, exactly as for ``finetune run``, so a stage is skipped when
+it is up to date and a retried driver resumes where the last one stopped). Its own decisions
+are pure functions of what the API returns: :func:`job_state` reads a Job (the API's JSON)
+into a :class:`JobState`, :func:`next_action` turns it into WAIT, DONE, RESTART or STOP.
+:class:`KubernetesJobs` only creates Jobs, polls them and moves their stages' entries.
+Imports neither TensorFlow nor Beam.
 
 The stage Jobs run ``preprocess``, ``train`` (the Indexed worker group) and ``evaluate``
 (evaluate, then push). Before a Job is created, an earlier Job of that name is deleted with
@@ -25,35 +25,24 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from components.config import Config
-from components.core import storage
-from components.core.stamps import code_version, utc_now
+from pipeline import orchestrator
+from pipeline import record as run_record
 from pipeline.cluster import views
 from pipeline.cluster.client import Cluster, ClusterError
 from pipeline.cluster.jobs import DEADLINE_GRACE_SECONDS, stage_jobs
 from pipeline.cluster.manifests import check, worker_service
 from pipeline.cluster.views import FAILED, PENDING, RUNNING, SUCCEEDED, JobState, describe, job_state
-from pipeline.run import (
-    NO_REGISTRY,
-    RUN_FILE,
-    STAGE_BY_NAME,
-    STAGES,
-    decide,
-    failed_run,
-    input_fingerprint,
-    mark_done,
-    read_record,
-    stage_keys,
-    write_record,
-)
+from pipeline.orchestrator import NO_NEW_DATA, StageFailed
+from pipeline.record import RunRecord
 
-# Each stage Job and the stages of pipeline.run it runs (the evaluate Job also pushes).
+# Each stage Job and the stages it runs (the evaluate Job also pushes).
 JOB_STAGES: dict[str, tuple[str, ...]] = {
     "preprocess": ("preprocess",),
     "train": ("train",),
     "evaluate": ("evaluate", "push"),
 }
 KEY_ANNOTATION = "finetune/stage-key"  # on the stage Jobs: which inputs they run on
-NO_NEW_DATA = "no new data"
+__all__ = ["NO_NEW_DATA", "KubernetesJobs", "drive", "next_action", "adoptable", "failure_text"]
 WAIT, DONE, RESTART, STOP = "wait", "done", "restart", "stop"
 
 
@@ -102,43 +91,6 @@ def adoptable(job: Mapping[str, Any] | None, key: str) -> bool:
     return annotations.get(KEY_ANNOTATION) == key and job_state(job).phase in (PENDING, RUNNING)
 
 
-def last_success(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The input fingerprint and end of the last successful run a ``run.json`` knows: its own
-    when it succeeded, else the one it carried forward (``last_success``)."""
-    if not record:
-        return None
-    if record.get("status") == "ok" and record.get("input_fingerprint"):
-        return {"input_fingerprint": record["input_fingerprint"], "finished": record.get("finished")}
-    return record.get("last_success")
-
-
-def has_new_data(record: Mapping[str, Any] | None, fingerprint: str) -> bool:
-    """False when ``fingerprint`` equals that of the last successful run (pure)."""
-    done = last_success(record)
-    return not done or done.get("input_fingerprint") != fingerprint
-
-
-def new_record(config: Config, fingerprint: str, keys: Mapping[str, str], last: Mapping | None) -> dict:
-    """A ``run.json`` record in ``pipeline.run``'s format, every stage pending."""
-    stages: dict[str, dict[str, Any]] = {s.name: {"status": "pending", "key": keys[s.name]} for s in STAGES}
-    if not config.registry.uri:
-        stages["push"].update(
-            status="skipped", started=utc_now(), seconds=0.0, reason=NO_REGISTRY, outputs={}
-        )
-    return {
-        "status": "running",
-        "started": utc_now(),
-        "finished": None,
-        "seconds": None,
-        "force": False,
-        "input_fingerprint": fingerprint,
-        "version": code_version(),
-        "driver": "kubernetes",
-        "last_success": last_success(last),
-        "stages": stages,
-    }
-
-
 @dataclass(frozen=True)
 class Poll:
     """How the driver polls a Job: ``first`` seconds after a change, growing 1.5x up to
@@ -151,14 +103,73 @@ class Poll:
     api_retries: int = 10
 
 
+class KubernetesJobs:
+    """Runs the stages as Jobs in ``cluster`` (``finetune drive``, in the driver pod): the
+    preprocess Job, the Indexed training Job (recreated after a worker group's failure up to
+    ``cluster.backoff_limit`` times) and the evaluate Job (evaluate, then push)."""
+
+    name, resume, driver = "drive", "submit again", "kubernetes"
+
+    def __init__(self, cluster: Cluster, poll: Poll | None = None):
+        self.cluster, self.poll = cluster, poll or Poll()
+
+    def groups(self, config: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        return tuple(JOB_STAGES.items())
+
+    def prepare(self, config: Config) -> None:
+        check(config)
+
+    def execute(
+        self, config: Config, record: RunRecord, group: tuple[str, str], stages: list[str], why: str
+    ) -> None:
+        """Creates (or adopts) the stage's Job, waits for it, recreates a failed worker group;
+        records the outcome. Raises StageFailed when the stage failed."""
+        (job_stage, label), cluster = group, self.cluster
+        key = record.stages[stages[-1]].key
+        manifest = stage_jobs(config)[job_stage]
+        manifest["metadata"].setdefault("annotations", {})[KEY_ANNOTATION] = key
+        name = manifest["metadata"]["name"]
+        for stage in stages:
+            record.stages[stage].start(why, job=name)
+        run_record.save(config.run_dir, record)
+        _say(f"{label}: Job {name}")
+        started, restarts = time.perf_counter(), 0
+        _start(config, cluster, manifest, key, label)
+        limit = config.cluster.stage_timeout_seconds + DEADLINE_GRACE_SECONDS  # a backstop to the Job's own
+        while True:
+            state = _wait(cluster, name, label, self.poll, limit)
+            decision = next_action(job_stage, state, restarts, config.cluster.backoff_limit)
+            if decision.action == DONE:
+                break
+            pods = cluster.job_pods(name)
+            if decision.action == STOP:
+                _fail(config, record, stages, pods, decision.why, started, _events(cluster, pods))
+            restarts += 1
+            record.stages[job_stage].restarts = restarts
+            run_record.save(config.run_dir, record)
+            _say(f"{label}: {decision.why}")
+            cluster.delete_job(name)
+            cluster.create(manifest)
+        seconds = round(time.perf_counter() - started, 3)
+        per_container = next(
+            (views.container_seconds(p) for p in cluster.job_pods(name) if _succeeded(p)), {}
+        )
+        for stage in stages:
+            record.stages[stage].done(
+                per_container.get(stage, seconds), orchestrator.outputs_of(config, stage)
+            )
+        _say(f"{label}: done in {seconds:.1f} s" + (f" ({restarts} restarts)" if restarts else ""))
+
+
 def _say(message: str) -> None:
     print(f"[drive] {message}", flush=True)
 
 
 def drive(
     config: Config, cluster: Cluster, if_new_data: bool = False, poll: Poll | None = None
-) -> dict[str, Any] | None:
-    """Runs the stage Jobs in order and records the run in ``<run_dir>/run.json``.
+) -> RunRecord | None:
+    """Runs the stage Jobs in order and records the run in ``<run_dir>/run.json``
+    (``pipeline.orchestrator.orchestrate`` with :class:`KubernetesJobs`).
 
     Args:
         config: The validated configuration (the pod's mounted ConfigMap).
@@ -175,115 +186,7 @@ def drive(
         StageError: a stage failed; names it.
         ClusterError: the API server failed the driver.
     """
-    check(config)
-    poll = poll or Poll()
-    clock = time.perf_counter()
-    fingerprint = input_fingerprint(config)
-    previous = read_record(config.run_dir)
-    if if_new_data and not has_new_data(previous, fingerprint):
-        finished = (last_success(previous) or {}).get("finished")
-        _say(
-            f"{NO_NEW_DATA}: the input data ({fingerprint[:12]}) is that of the last successful run "
-            f"({finished}); nothing to do"
-        )
-        return None
-    _say(f"input data fingerprint {fingerprint[:12]} ({time.perf_counter() - clock:.1f} s)")
-    keys = stage_keys(config, fingerprint)
-    last = (previous or {}).get("stages", {})
-    record = new_record(config, fingerprint, keys, previous)
-    write_record(config, record)
-    earlier_ran = False
-    for number, job_stage in enumerate(JOB_STAGES, start=1):
-        label = f"{number}/{len(JOB_STAGES)} {job_stage}"
-        skip, why = _skip(config, record, last, keys, job_stage, earlier_ran)
-        if skip:
-            _say(f"{label}: {why}, skipped")
-        else:
-            key = keys[_covered(config, job_stage)[-1]]
-            try:
-                _run_stage(config, cluster, record, job_stage, (label, why), key, poll)
-            except ClusterError as e:  # the API server failed the driver: say so in run.json too
-                record.update(status="failed", finished=utc_now(), error=f"stage '{job_stage}': {e}")
-                write_record(config, record)
-                raise
-            earlier_ran = True
-        write_record(config, record)
-    record.update(status="ok", finished=utc_now(), seconds=round(time.perf_counter() - clock, 3))
-    write_record(config, record)
-    _summary(config, record)
-    return record
-
-
-def _covered(config: Config, job_stage: str) -> list[str]:
-    """The stages a Job runs here (push only with ``registry.uri``)."""
-    return [s for s in JOB_STAGES[job_stage] if s != "push" or config.registry.uri]
-
-
-def _skip(
-    config: Config, record: dict, last: dict, keys: Mapping[str, str], job_stage: str, earlier_ran: bool
-) -> tuple[bool, str]:
-    """Whether the Job can be skipped (each stage it runs is up to date, its outputs there)
-    and why; records the skipped stages as ``pipeline.run`` does."""
-    found = {}
-    for name in _covered(config, job_stage):
-        ok, why = decide(last.get(name), keys[name], earlier_ran, force=False)
-        facts = STAGE_BY_NAME[name].finished(config) if ok else None
-        if facts is None:
-            return False, why if not ok else "its outputs are gone"
-        found[name] = (why, facts)
-    for name, (why, facts) in found.items():
-        record["stages"][name].update(
-            status="skipped", started=utc_now(), seconds=0.0, reason=why, completed=last[name]["completed"]
-        )
-        record["stages"][name]["outputs"] = facts
-    return True, next(iter(found.values()))[0]
-
-
-def _run_stage(
-    config: Config,
-    cluster: Cluster,
-    record: dict,
-    job_stage: str,
-    said: tuple[str, str],
-    key: str,
-    poll: Poll,
-) -> None:
-    """Creates (or adopts) the stage's Job, waits for it, recreates a failed worker group;
-    records the outcome. ``said``: the stage's label and why it runs; ``key``: the stage key
-    of the last stage the Job runs. Raises StageError when the stage failed."""
-    label, why = said
-    covered = _covered(config, job_stage)
-    manifest = stage_jobs(config)[job_stage]
-    manifest["metadata"].setdefault("annotations", {})[KEY_ANNOTATION] = key
-    name = manifest["metadata"]["name"]
-    for stage in covered:
-        record["stages"][stage].update(
-            status="running", started=utc_now(), seconds=None, reason=why, job=name
-        )
-    write_record(config, record)
-    _say(f"{label}: running ({why}): Job {name}")
-    started, restarts = time.perf_counter(), 0
-    _start(config, cluster, manifest, key, label)
-    limit = config.cluster.stage_timeout_seconds + DEADLINE_GRACE_SECONDS  # a backstop to the Job's own
-    while True:
-        state = _wait(cluster, name, label, poll, limit)
-        decision = next_action(job_stage, state, restarts, config.cluster.backoff_limit)
-        if decision.action == DONE:
-            break
-        pods = cluster.job_pods(name)
-        if decision.action == STOP:
-            _fail(config, record, job_stage, pods, decision.why, started, _events(cluster, pods))
-        restarts += 1
-        record["stages"][job_stage]["restarts"] = restarts
-        write_record(config, record)
-        _say(f"{label}: {decision.why}")
-        cluster.delete_job(name)
-        cluster.create(manifest)
-    seconds = round(time.perf_counter() - started, 3)
-    per_container = next((views.container_seconds(p) for p in cluster.job_pods(name) if _succeeded(p)), {})
-    for stage in covered:
-        mark_done(config, record["stages"][stage], stage, per_container.get(stage, seconds))
-    _say(f"{label}: done in {seconds:.1f} s" + (f" ({restarts} restarts)" if restarts else ""))
+    return orchestrator.orchestrate(config, KubernetesJobs(cluster, poll), if_new_data=if_new_data)
 
 
 def _start(config: Config, cluster: Cluster, manifest: dict, key: str, label: str) -> None:
@@ -355,41 +258,32 @@ def _succeeded(pod: Mapping[str, Any]) -> bool:
 
 
 def _fail(
-    config: Config, record: dict, job_stage: str, pods: list, why: str, started: float, events: list[str]
+    config: Config,
+    record: RunRecord,
+    stages: list[str],
+    pods: list,
+    why: str,
+    started: float,
+    events: list[str],
 ) -> NoReturn:
-    """Records the failed run (the stage whose container failed, what it said, its pods' last
-    events) and raises the StageError that names it. ``started``: when the stage began
-    (``time.perf_counter``)."""
-    covered = _covered(config, job_stage)
-    stage = views.failed_stage(pods, covered)
+    """Records the failed stage (the one whose container failed, what it said, its pods' last
+    events) and raises StageFailed. ``started``: when the Job began (``time.perf_counter``)."""
+    stage = views.failed_stage(pods, stages)
     error = failure_text(why, views.pod_failures(pods), events)
     ran = {k: v for pod in pods for k, v in views.container_seconds(pod).items()}
-    for name in covered:
-        entry = record["stages"][name]
-        if covered.index(name) < covered.index(stage):  # evaluate, when push failed
-            mark_done(config, entry, name, ran.get(name, 0.0))
+    for name in stages:
+        entry = record.stages[name]
+        if stages.index(name) < stages.index(stage):  # evaluate, when push failed
+            entry.done(ran.get(name, 0.0), orchestrator.outputs_of(config, name))
         elif name == stage:
-            entry.update(status="failed", seconds=round(time.perf_counter() - started, 3), error=error)
+            entry.fail(time.perf_counter() - started, error)
         else:
-            entry.update(status="pending", reason=f"{stage} failed")
-    seconds = views.seconds_between(record["started"], utc_now()) or 0.0
-    raise failed_run(config, record, stage, error, seconds, "submit again")
+            entry.hold(f"{stage} failed")
+    run_record.save(config.run_dir, record)
+    raise StageFailed(stage, error)
 
 
 def failure_text(why: str, failures: list[str], events: list[str]) -> str:
     """A failed stage in one line: why the Job failed, its pods' failures, their last events (pure)."""
     text = why + (": " + "; ".join(failures[:3]) if failures else "")
     return text + ("; last events: " + "; ".join(events[-4:]) if events else "")
-
-
-def _summary(config: Config, record: dict[str, Any]) -> None:
-    """The end of the run in the driver's log: the verdict, the registry version, the record."""
-    evaluate = record["stages"]["evaluate"].get("outputs", {})
-    blessed = "BLESSED" if evaluate.get("blessed") else "NOT BLESSED"
-    _say(f"verdict: {blessed}: {evaluate.get('reason', '')}")
-    pushed = record["stages"]["push"].get("outputs", {})
-    if pushed.get("version") is not None:
-        _say(f"registry: version {pushed['version']} of '{config.name}' in {config.registry.uri}")
-    else:
-        _say(f"registry: no version ({pushed.get('reason') or record['stages']['push'].get('reason', '')})")
-    _say(f"record: {storage.join(config.run_dir, RUN_FILE)} ({record['seconds']:.1f} s)")

@@ -1,7 +1,7 @@
 """Kubernetes manifests for one run, as plain dicts: pure functions of the configuration.
 
 Every stage runs as its own Job, named ``<name>-<stage>`` (the stable stage names of
-``pipeline.run.STAGES``), from one image whose entry point is ``finetune``; each pod reads
+``pipeline.orchestrator.STAGES``), from one image whose entry point is ``finetune``; each pod reads
 the resolved configuration from the ConfigMap ``<name>-config`` at :data:`CONFIG_PATH`.
 
 * ``<name>-driver`` (Job, service account ``<name>-driver``): runs the stages in order,
