@@ -36,7 +36,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from components.config import ALIAS_RE, NAME_RE  # the rules for `name` and aliases, kept in one place
+from components.config.registry import ALIAS_RE, ALIAS_RULE, NAME_RE, NAME_RULE  # the rules, in one place
 from components.core import storage
 from components.core.errors import ConfigError, StageError
 from components.core.stamps import utc_now
@@ -57,24 +57,20 @@ def warn(message: str) -> None:
     print(f"finetune: warning: {message}", file=sys.stderr, flush=True)
 
 
+def _segment(value: str, pattern: re.Pattern[str], what: str, rule: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ConfigError(f"{what} {value!r}: use {rule}")
+    return value
+
+
 def check_name(name: str) -> str:
     """Returns ``name`` if it is a valid model name (one path segment), else raises ConfigError."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ConfigError(
-            f"model name {name!r}: use 1-63 lowercase letters, digits or '-', starting and ending "
-            "with a letter or digit (it is a folder of the registry, e.g. beans)"
-        )
-    return name
+    return _segment(name, NAME_RE, "model name", f"{NAME_RULE} (it is a folder of the registry, e.g. beans)")
 
 
 def check_alias(alias: str) -> str:
     """Returns ``alias`` if it is a valid alias (one path segment), else raises ConfigError."""
-    if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias):
-        raise ConfigError(
-            f"alias {alias!r}: use 1-63 lowercase letters, digits, '-' or '_', starting with a letter "
-            "(e.g. production)"
-        )
-    return alias
+    return _segment(alias, ALIAS_RE, "alias", f"{ALIAS_RULE} (e.g. production)")
 
 
 def _check_version(version: int) -> int:

@@ -11,6 +11,9 @@ from components.core.configtree import option
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # Registry aliases: file names in the registry and TF Serving version labels.
 ALIAS_RE = re.compile(r"^[a-z][-a-z0-9_]{0,62}$")
+# What each rule says, where a config check or the registry refuses a value.
+NAME_RULE = "1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+ALIAS_RULE = "1-63 lowercase letters, digits, '-' or '_', starting with a letter"
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,7 @@ def check_name(name: str) -> list[str]:
     """The root ``name``: it names registry entries and Kubernetes Jobs."""
     if NAME_RE.fullmatch(name):
         return []
-    return [
-        f"name: '{name}' must be 1-63 lowercase letters, digits or '-', starting "
-        "and ending with a letter or digit (it names registry entries and Kubernetes Jobs)"
-    ]
+    return [f"name: '{name}' must be {NAME_RULE} (it names registry entries and Kubernetes Jobs)"]
 
 
 def check(r: RegistryConfig) -> list[str]:
@@ -54,10 +54,7 @@ def check(r: RegistryConfig) -> list[str]:
         ("registry.promote_to", r.promote_to),
     ):
         if alias and not ALIAS_RE.fullmatch(alias):
-            problems.append(
-                f"{key}: '{alias}' must be 1-63 lowercase letters, digits, '-' or '_', starting "
-                "with a letter (e.g. production, staging)"
-            )
+            problems.append(f"{key}: '{alias}' must be {ALIAS_RULE} (e.g. production, staging)")
     if r.promote_to and not r.uri:
         problems.append("registry.promote_to: needs registry.uri (the registry that holds the alias)")
     return problems
