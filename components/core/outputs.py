@@ -78,7 +78,7 @@ def check_owned(folder: str, stage: str) -> None:
     present = {_relative(folder, f.uri) for f in storage.list_files(folder, special=True)}
     if not present:
         return
-    marker = _read_owner(folder)
+    marker = storage.read_json_object(storage.join(folder, OWNER_FILE))
     if marker is None or marker.get("stage") != stage:
         owner = marker.get("stage") if marker else None
         why = f"it belongs to the {owner} stage" if owner else f"it has no {OWNER_FILE}"
@@ -107,18 +107,10 @@ def mark_owned(folder: str, stage: str, sealed: bool = False) -> None:
     storage.write_text(storage.join(folder, OWNER_FILE), json.dumps(record, indent=2) + "\n")
 
 
-def _read_owner(folder: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(storage.read_text(storage.join(folder, OWNER_FILE)))
-    except (FileNotFoundError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def sealed_files(folder: str) -> dict[str, int] | None:
     """The files (relative path -> bytes) a finished stage recorded in ``folder``, or None
     when it recorded none (unfinished, or written before markers existed)."""
-    marker = _read_owner(folder)
+    marker = storage.read_json_object(storage.join(folder, OWNER_FILE))
     files = marker.get("files") if marker else None
     return files if isinstance(files, dict) else None
 

@@ -126,7 +126,7 @@ def sweep_staging(parent: str, stage: str, now: float | None = None) -> list[str
     now = time.time() if now is None else now
     removed = []
     for folder in folders:
-        if _abandoned(_read_owner(folder), now):
+        if _abandoned(storage.read_json_object(storage.join(folder, OWNER)), now):
             storage.delete_tree(folder)
             removed.append(folder)
     if removed:
@@ -139,14 +139,6 @@ def _listdir(folder: str) -> list[str]:
         return os.listdir(folder)
     except OSError:
         return []
-
-
-def _read_owner(folder: str) -> dict[str, Any] | None:
-    try:
-        owner = json.loads(storage.read_text(storage.join(folder, OWNER)))
-    except (FileNotFoundError, ValueError):
-        return None
-    return owner if isinstance(owner, dict) else None
 
 
 def _abandoned(owner: dict[str, Any] | None, now: float) -> bool:
