@@ -133,6 +133,14 @@ def fake_gcs_prefix(fake_gcs_server: tuple[str, str], monkeypatch: pytest.Monkey
     return f"gs://{bucket}/registry"
 
 
+@pytest.fixture(params=["local", "gcs"])
+def reg(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A fresh registry: a local directory, or a prefix in a fake-gcs-server bucket."""
+    if request.param == "gcs":
+        return request.getfixturevalue("fake_gcs_prefix")
+    return str(tmp_path / "registry")
+
+
 def loadable_versions(reg: str, name: str) -> list[int]:
     """What a TF Serving file-system poller would load: integer folders with saved_model.pb."""
     from components import registry

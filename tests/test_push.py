@@ -36,17 +36,11 @@ from tests.registry_helpers import (  # noqa: F401 - fixtures
     loadable_but_uncommitted,
     loadable_versions,
     make_blessed_run,
+    reg,
 )
 
 NAME = "beans"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(params=["local", "gcs"])
-def reg(request: pytest.FixtureRequest, tmp_path) -> str:
-    if request.param == "gcs":
-        return request.getfixturevalue("fake_gcs_prefix")
-    return str(tmp_path / "registry")
 
 
 def _overrides(run_dir: str, reg: str, *more: str) -> list[str]:

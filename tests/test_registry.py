@@ -14,17 +14,9 @@ from components import registry
 from components.core import storage
 from components.core.errors import StageError
 from pipeline import cli
-from tests.registry_helpers import fake_gcs_prefix, fake_gcs_server  # noqa: F401 - fixtures
+from tests.registry_helpers import fake_gcs_prefix, fake_gcs_server, reg  # noqa: F401 - fixtures
 
 NAME = "beans"
-
-
-@pytest.fixture(params=["local", "gcs"])
-def reg(request: pytest.FixtureRequest, tmp_path) -> str:
-    """A fresh registry: a local directory, or a prefix in a fake-gcs-server bucket."""
-    if request.param == "gcs":
-        return request.getfixturevalue("fake_gcs_prefix")
-    return str(tmp_path / "registry")
 
 
 def _version(reg: str, **record) -> int:

@@ -21,18 +21,12 @@ from tests.registry_helpers import (  # noqa: F401 - fixtures
     fake_gcs_server,
     loadable_but_uncommitted,
     loadable_versions,
+    reg,
 )
 
 NAME = "beans"
 OLD = "2000-01-01T00:00:00Z"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(params=["local", "gcs"])
-def reg(request: pytest.FixtureRequest, tmp_path) -> str:
-    if request.param == "gcs":
-        return request.getfixturevalue("fake_gcs_prefix")
-    return str(tmp_path / "registry")
 
 
 def _version(reg: str, name: str = NAME) -> int:
