@@ -24,6 +24,9 @@ alias is its history: the last entry's version; rollback replays it as a stack.
 Every function that builds a path checks the model name (the rule of ``config.name``) and the
 alias (``ALIAS_RE``), so ``../outside`` never becomes a path; a record that does not parse is
 named on stderr and skipped. The push stage (``components.push``) does the uploading.
+
+Slightly over 400 lines on purpose: the protocol's paths, versions and aliases read best in
+one module; its repairs (fsck, gc) live in :mod:`components.registry_maintenance`.
 """
 
 from __future__ import annotations

@@ -49,3 +49,25 @@ def test_the_driver_decides_without_tensorflow_or_beam():
         "if m in sys.modules))"
     )
     assert _python(code) == "[]"
+
+
+def _modules() -> list[str]:
+    found = []
+    for package in ("pipeline", "components"):
+        for folder, _, names in os.walk(os.path.join(ROOT, package)):
+            found += [os.path.join(folder, n) for n in names if n.endswith(".py")]
+    return sorted(found)
+
+
+def test_every_module_says_what_it_is_for_and_a_long_one_says_why():
+    import ast
+
+    for path in _modules():
+        text = open(path, encoding="utf-8").read()
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        name = os.path.relpath(path, ROOT)
+        assert doc.strip(), f"{name}: no module docstring saying what it is for"
+        if text.count("\n") > 400:
+            assert "over 400 lines" in doc.lower(), (
+                f"{name}: {text.count(chr(10))} lines and no reason at its top"
+            )

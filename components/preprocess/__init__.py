@@ -1,0 +1,1 @@
+"""Preprocessing: Apache Beam + tf.Transform from images to sharded TFRecords, dead letters and a summary."""

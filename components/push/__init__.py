@@ -1,0 +1,1 @@
+"""Push: a blessed export published as a new version of the serving registry."""

@@ -1,0 +1,1 @@
+"""Training: the frozen-feature baseline and the fine-tuned candidate, under tf.distribute."""
