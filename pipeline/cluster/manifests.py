@@ -12,7 +12,7 @@ the resolved configuration from the ConfigMap ``<name>-config`` at :data:`CONFIG
   pipeline to Dataflow or Flink (``preprocess.runner``, ``preprocess.pipeline_options``).
 * ``<name>-train``: an Indexed Job of ``cluster.workers`` pods plus the headless Service
   ``<name>-train``; each pod derives TF_CONFIG from its index and the Service's DNS names
-  (``pipeline.cluster.workers``). MultiWorkerMirroredStrategy cannot lose a worker and go
+  (``components.train.distribute``). MultiWorkerMirroredStrategy cannot lose a worker and go
   on, so a failure must restart the whole group: ``backoffLimit: 0`` (with
   ``restartPolicy: Never``) fails the Job at the first failed pod, the Job controller then
   stops the others, and the driver deletes the Job and creates it again (up to
