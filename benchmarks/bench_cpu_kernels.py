@@ -1,7 +1,7 @@
 """TensorFlow's oneDNN CPU kernels on against off, for the demo's model.
 
 TensorFlow turns oneDNN on by default only on CPUs with AVX-512 VNNI/BF16 or AMX; the
-``pipeline`` package turns it on everywhere else (``pipeline/__init__.py``), because the
+``pipeline`` package turns it on everywhere else for its training work, because the
 candidate phase on an AVX2 CPU is slower without it. This benchmark keeps that choice
 honest: each round runs two child processes, one with ``TF_ENABLE_ONEDNN_OPTS=1``
 and one with ``=0`` (the variable is read once, when TensorFlow is imported, so one process

@@ -375,7 +375,7 @@ def multi_worker(
 ) -> dict:
     """Measurement 4: one CLI process against two, back to back, ``rounds`` times; each run
     with the configuration of ``settings`` (``--set`` overrides) and its own run directory."""
-    cfg = load_config(None, settings)
+    cfg = load_config(None, [*settings, f"run_dir={work}"])  # each run sets its own run_dir
     result: dict[str, Any] = {
         "baseline_epochs": cfg.train.baseline_epochs,
         "finetune_epochs": cfg.train.finetune_epochs,
@@ -490,8 +490,9 @@ def main() -> None:
         def step_ms(name: str) -> float:
             return round(1000 * bench.batch / med(name), 1)
 
-        def backup_s(phase: str) -> float:  # median seconds of one epoch-end backup
-            return round(statistics.median(bench.backup_seconds[phase]), 3)
+        def backup_s(phase: str) -> float | None:  # median seconds of one epoch-end backup
+            seconds = bench.backup_seconds.get(phase)  # none in one-epoch fits: no backup to time
+            return round(statistics.median(seconds), 3) if seconds else None
 
         result: dict[str, Any] = {
             "backbone": f"{cfg.model.backbone} alpha {cfg.model.alpha}",
