@@ -1,5 +1,8 @@
 """Training throughput: the training stage's ways of fitting against plain tf_keras fits.
 
+Over 400 lines on purpose: four measurements that share one prepared dataset, model and
+round loop, each pairing the stage's path with its plain baseline in the same round.
+
 The beans photos (split folders) are preprocessed once, at ``--size`` px, into a temporary
 run directory; the train split's records are also decoded once into a numpy array. Every
 model is MobileNetV2 (``--alpha``, the real ImageNet weights file ``--weights``) with the
