@@ -299,7 +299,7 @@ def _gcs_blob(uri: str):
     bucket, _, name = uri[len("gs://") :].partition("/")
     if not bucket or not name:
         raise ValueError(f"not a gs://bucket/object URI: {uri}")
-    return _gcs_client(os.environ.get("STORAGE_EMULATOR_HOST")).bucket(bucket).blob(name)
+    return gcs_client().bucket(bucket).blob(name)
 
 
 def create_exclusive(uri: str, data: bytes) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from components.core import outputs, storage
+from components.core import outputs
 
 STAGE = "preprocess"
 
@@ -43,10 +43,6 @@ class PreprocessOutput:
             records={split: int(n) for split, n in (summary.get("records") or {}).items()},
             shards=summary.get("shards"),
         )
-
-    @property
-    def summary_path(self) -> str:
-        return storage.join(self.dir, "summary.json")
 
     def records_digest(self) -> str | None:
         """What training reads from this run (``outputs.records_digest``): its resume and

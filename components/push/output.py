@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from components.core import outputs, storage
+from components.core import outputs
 
 STAGE = "push"
 
@@ -33,7 +33,3 @@ class PushOutput:
         return cls(
             folder, s, bool(s.get("pushed")), s.get("version"), str(s.get("reason", "")), s.get("fingerprint")
         )
-
-    @property
-    def summary_path(self) -> str:
-        return storage.join(self.dir, "summary.json")

@@ -32,7 +32,7 @@ from pipeline.cluster.client import Cluster, ClusterError
 from pipeline.cluster.jobs import DEADLINE_GRACE_SECONDS, stage_jobs
 from pipeline.cluster.manifests import check, worker_service
 from pipeline.cluster.views import FAILED, PENDING, RUNNING, SUCCEEDED, JobState, describe, job_state
-from pipeline.orchestrator import NO_NEW_DATA, StageFailed
+from pipeline.orchestrator import StageFailed
 from pipeline.record import RunRecord
 
 # Each stage Job and the stages it runs (the evaluate Job also pushes).
@@ -42,7 +42,6 @@ JOB_STAGES: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate", "push"),
 }
 KEY_ANNOTATION = "finetune/stage-key"  # on the stage Jobs: which inputs they run on
-__all__ = ["NO_NEW_DATA", "KubernetesJobs", "drive", "next_action", "adoptable", "failure_text"]
 WAIT, DONE, RESTART, STOP = "wait", "done", "restart", "stop"
 
 
@@ -162,7 +161,7 @@ class KubernetesJobs:
 
 
 def _say(message: str) -> None:
-    print(f"[drive] {message}", flush=True)
+    orchestrator.say(KubernetesJobs, message)  # the same "[drive]" lines as the orchestrator's
 
 
 def drive(
