@@ -148,7 +148,7 @@ class Bench:
         self.batch = cfg.train.batch_size
         self.files = data.record_files(self.prep, "train")
         # As the stage: decoded images in memory when they fit train.image_cache_mb.
-        self.cache_decoded, self.cache_mib = stage.image_cache(cfg, stage.read_inputs(cfg), 1)
+        self.cache, self.cache_mib = stage.image_cache(cfg, stage.read_inputs(cfg), 1)
         self.steps = steps
         self.skip = skip
         self.placement = distribute.create_strategy(distribute.Cluster())
@@ -188,10 +188,10 @@ class Bench:
         return clf
 
     def records_fn(
-        self, augment: bool, cache_decoded: bool
+        self, augment: bool, cache: str
     ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
         """The candidate phase's ``train_fn`` (components/train/phases.py), augmentation and
-        the decoded cache chosen."""
+        the in-memory cache chosen."""
         t = self.cfg.train
 
         def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -205,7 +205,7 @@ class Bench:
                 augment=t.augment if augment else None,
                 shuffle_buffer=t.shuffle_buffer,
                 seed=t.seed + ictx.input_pipeline_id,
-                cache_decoded=cache_decoded,
+                cache=cache,
             )
 
         return train_fn
@@ -262,9 +262,9 @@ class Bench:
 
 # Candidate-phase variants (measurements 1 and 2): name -> how one fit runs.
 VARIANTS: dict[str, Callable[[Bench, Any, int, int], StepClock]] = {
-    "stage_augment": lambda b, m, e, s: b.stage_fit(m, b.records_fn(True, b.cache_decoded), e, s),
-    "stage": lambda b, m, e, s: b.stage_fit(m, b.records_fn(False, b.cache_decoded), e, s),
-    "stage_encoded": lambda b, m, e, s: b.stage_fit(m, b.records_fn(False, False), e, s),
+    "stage_augment": lambda b, m, e, s: b.stage_fit(m, b.records_fn(True, b.cache), e, s),
+    "stage": lambda b, m, e, s: b.stage_fit(m, b.records_fn(False, b.cache), e, s),
+    "stage_encoded": lambda b, m, e, s: b.stage_fit(m, b.records_fn(False, data.ENCODED), e, s),
     "plain_numpy": lambda b, m, e, s: b.plain_fit(m, e, s),
     "stage_synthetic": lambda b, m, e, s: b.stage_fit(m, b.synthetic_fn, e, s),
 }
@@ -292,7 +292,7 @@ def baseline_round(bench: Bench, extract: Any, head: Any, frozen: Any, epochs: i
     cached_seconds = time.perf_counter() - started
     head_seconds = cached_seconds - feature_seconds
     started = time.perf_counter()
-    bench.stage_fit(frozen, bench.records_fn(False, bench.cache_decoded), epochs, bench.steps, "frozen")
+    bench.stage_fit(frozen, bench.records_fn(False, bench.cache), epochs, bench.steps, "frozen")
     frozen_seconds = time.perf_counter() - started
     return {
         "baseline_cached_seconds": cached_seconds,
@@ -507,7 +507,7 @@ def main() -> None:
             "cpu_cores": os.cpu_count(),
             "device": bench.placement.device,
             "xla": bench.jit,
-            "image_cache": "decoded" if bench.cache_decoded else "encoded",
+            "image_cache": bench.cache,
             "decoded_mib": round(bench.cache_mib, 1),
             "candidate": {
                 "rounds": args.rounds,

@@ -45,6 +45,7 @@ EXECUTION_ONLY = frozenset(
         "preprocess.pipeline_options",
         "preprocess.num_workers",
         "preprocess.image_threads",
+        "preprocess.shard_sort_mb",
         "train.backup_every_steps",
         "evaluate.batch_size",
     }

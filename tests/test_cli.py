@@ -39,7 +39,7 @@ def test_config_prints_the_resolved_tree(tmp_path, capsys):
         "dropout": 0.2,
     }
     assert tree["train"]["batch_size"] == 32 and tree["train"]["augment"]["flip"] is True
-    assert tree["preprocess"]["num_shards"] == 4
+    assert tree["preprocess"]["num_shards"] == 0  # from the data
 
 
 def test_bad_config_exits_2_before_any_work(tmp_path, capsys):

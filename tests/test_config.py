@@ -48,7 +48,7 @@ def test_overrides_apply_after_the_file_and_parse_yaml_values(tmp_path):
         ("data.split.train=0.5", "must sum to 1"),
         ("preprocess.runner=DataflowRuner", "did you mean 'DataflowRunner'?"),
         ("preprocess.max_bad_fraction=2", "preprocess.max_bad_fraction: 2.0 must be between 0 and 1"),
-        ("preprocess.num_shards=0", "preprocess.num_shards: 0 must be between 1"),
+        ("preprocess.num_shards=-1", "preprocess.num_shards: -1 must be between 0"),
         ("name=My Model", "name: 'My Model' must be 1-63 lowercase"),
         ("run_dir=", "run_dir: required"),
         ("oops", "--set: expected key=value"),

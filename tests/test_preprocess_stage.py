@@ -76,8 +76,9 @@ def test_outputs_are_complete_and_leave_no_temporary_files(odd_run):
     assert sorted(os.listdir(run_dir)) == ["preprocess"]
     names = set(os.listdir(out(run_dir)))
     assert names == PUBLISHED
-    for split in ("train", "eval", "test"):
-        assert len(os.listdir(out(run_dir, split))) == 4
+    for split in ("train", "eval", "test"):  # preprocess.num_shards 0: from the data, one file each here
+        assert os.listdir(out(run_dir, split)) == ["data-00000-of-00001.tfrecord"]
+        assert summary["shards"][f"{split}/data-00000-of-00001.tfrecord"]["bytes"] > 0 or split != "train"
     with open(out(run_dir, "summary.json")) as f:
         assert json.load(f) == summary
     for key in (
@@ -219,10 +220,10 @@ def test_reruns_are_idempotent_and_added_images_keep_their_splits(tmp_path):
             for name in sorted(os.listdir(os.path.join(out(run_dir), split)))
         }
 
-    run_stage(str(source), run_dir)
+    run_stage(str(source), run_dir, "preprocess.num_shards=4")
     first, first_bytes = placement(), shard_bytes()
     # Again, on Beam's two worker processes (other bundles, other processes' protobuf maps):
-    run_stage(str(source), run_dir, "preprocess.num_workers=2")
+    run_stage(str(source), run_dir, "preprocess.num_shards=4", "preprocess.num_workers=2")
     assert placement() == first
     # The same images give byte-identical shards: same shard per image, same order within.
     assert shard_bytes() == first_bytes

@@ -98,11 +98,11 @@ def test_a_seeded_augmentation_is_a_function_of_its_seed():
     assert not np.array_equal(different, data.augment_batch(images, augment, seed).numpy())
 
 
-def test_decoded_cache_gives_the_same_batches_as_decoding_every_epoch(tiny_prepared):
+def test_every_cache_gives_the_same_batches(tiny_prepared):
     files = data.record_files(os.path.join(tiny_prepared, "preprocess"), "train")
     augment = AugmentConfig(flip=True, rotation=0.1, crop=0.2)
 
-    def batches(cache_decoded):
+    def batches(cache):
         dataset = data.image_dataset(
             files,
             TINY_SIZE,
@@ -111,20 +111,31 @@ def test_decoded_cache_gives_the_same_batches_as_decoding_every_epoch(tiny_prepa
             repeat=True,
             augment=augment,
             seed=3,
-            cache_decoded=cache_decoded,
+            cache=cache,
         )
         return [(x.numpy(), y.numpy()) for x, y in dataset.take(24)]  # three epochs of 63 images
 
-    decoded, encoded = batches(True), batches(False)
+    decoded, encoded, uncached = batches(data.DECODED), batches(data.ENCODED), batches(data.NO_CACHE)
     assert all(x.dtype == np.float32 and x.shape == (8, TINY_SIZE, TINY_SIZE, 3) for x, _ in decoded)
     for (x1, y1), (x2, y2) in zip(decoded, encoded, strict=True):
         np.testing.assert_array_equal(x1, x2)
         np.testing.assert_array_equal(y1, y2)
+    # Read from the files every epoch: the first epoch (7 full batches) is the same; later
+    # ones reshuffle the files too, so they may differ, but the same way in every run.
+    for (x1, y1), (x2, y2) in zip(encoded[:7], uncached[:7], strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    for (x1, y1), (x2, y2) in zip(uncached, batches(data.NO_CACHE), strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
     # So is evaluation's (no shuffle, the partial last batch kept).
-    in_order = [data.image_dataset(files, TINY_SIZE, 8, cache_decoded=cached) for cached in (True, False)]
-    for (x1, y1), (x2, y2) in zip(*in_order, strict=True):
-        np.testing.assert_array_equal(x1.numpy(), x2.numpy())
-        np.testing.assert_array_equal(y1.numpy(), y2.numpy())
+    in_order = [
+        data.image_dataset(files, TINY_SIZE, 8, cache=c) for c in (data.DECODED, data.ENCODED, data.NO_CACHE)
+    ]
+    for (x1, y1), *others in zip(*in_order, strict=True):
+        for x2, y2 in others:
+            np.testing.assert_array_equal(x1.numpy(), x2.numpy())
+            np.testing.assert_array_equal(y1.numpy(), y2.numpy())
     assert sum(len(y) for _, y in in_order[0]) == 63
 
 

@@ -50,15 +50,18 @@ def _records(uri: str) -> list[bytes]:
     return out
 
 
-def _shards_as_written(output_dir: str, num_shards: int):
+SHARDS = {"train": 3, "eval": 2, "test": 1}  # files per split: each split has its own count
+
+
+def _shards_as_written(output_dir: str):
     """A matcher: one ``(("shard", "<split>/<file>", sha256), bytes)`` fact per shard file,
     every split's, with the size and SHA-256 of the file on disk."""
 
     def match(facts) -> None:
         expected = {}
         for split in SPLITS:
-            for index in range(num_shards):
-                name = f"{split}/{schema.shard_name(index, num_shards)}"
+            for index in range(SHARDS[split]):
+                name = f"{split}/{schema.shard_name(index, SHARDS[split])}"
                 data = storage.read_bytes(join(output_dir, name))
                 expected[name] = (hashlib.sha256(data).hexdigest(), len(data))
         assert {name: (sha, size) for (_, name, sha), size in facts} == expected
@@ -67,8 +70,16 @@ def _shards_as_written(output_dir: str, num_shards: int):
     return match
 
 
-@pytest.mark.parametrize("open_bytes", [graph.SPILL_OPEN_BYTES, 20_000])  # 20 KB: a file per ~3 images
-def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: int, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("open_bytes", "sort_bytes"),
+    [
+        (graph.SPILL_OPEN_BYTES, 64 * 2**20),  # every shard sorted in memory
+        (20_000, 20_000),  # a spill file per ~3 images; a sorted run on disk per ~3 records
+    ],
+)
+def test_examples_reach_their_shards_through_spill_files(
+    root: str, open_bytes: int, sort_bytes: int, monkeypatch
+) -> None:
     monkeypatch.setattr(graph, "SPILL_OPEN_BYTES", open_bytes)
     examples = [_example(i, "train" if i < 30 else "eval", ("cat", "dog")[i % 2]) for i in range(40)]
     examples.append(_example(40, "eval", "zebra"))  # no train image has this label
@@ -83,7 +94,8 @@ def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: 
         max_file_bytes=2**20,
         max_decoded_bytes=2**26,
         image_threads=1,
-        num_shards=3,
+        shards=SHARDS,
+        sort_bytes=sort_bytes,
         split_fractions=(0.8, 0.1, 0.1),
         source_has_eval=True,
     )
@@ -100,7 +112,7 @@ def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: 
             label="DeadLetters",
         )
         shard_facts = (written.records, empty) | beam.Flatten() | beam.Filter(lambda f: f[0][0] == "shard")
-        assert_that(shard_facts, _shards_as_written(join(root, "out"), 3), label="ShardDigests")
+        assert_that(shard_facts, _shards_as_written(join(root, "out")), label="ShardDigests")
         assert_that(
             written.records | beam.Filter(lambda f: f[0][0] == "record") | beam.CombinePerKey(sum),
             equal_to(
@@ -115,10 +127,11 @@ def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: 
         )
 
     kept = {ex["sha256"]: ex for ex in examples if ex["id"] not in (3, 31, 40)}
+    vocab = ["dog", "cat"]
     seen = []
     for split in SPLITS:
-        for index in range(3):
-            uri = join(root, "out", split, schema.shard_name(index, 3))
+        for index in range(SHARDS[split]):
+            uri = join(root, "out", split, schema.shard_name(index, SHARDS[split]))
             assert storage.exists(uri), uri  # every shard, empty ones too (test has no images)
             records = _records(uri)
             assert records or split == "test", uri
@@ -127,7 +140,7 @@ def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: 
                 features = tf.train.Example.FromString(record).features.feature
                 image = features["image"].bytes_list.value[0]
                 ex = kept[hashlib.sha256(image).hexdigest()]
-                assert (ex["split"], schema.shard_of(ex["sha256"], 3)) == (split, index)
+                assert (ex["split"], schema.shard_of(ex["sha256"], SHARDS[split])) == (split, index)
                 assert features["label"].int64_list.value[0] == ["dog", "cat"].index(ex["label"])
                 assert features["label_name"].bytes_list.value[0].decode() == ex["label"]
                 assert features["uri"].bytes_list.value[0].decode() == ex["uri"]
@@ -136,10 +149,24 @@ def test_examples_reach_their_shards_through_spill_files(root: str, open_bytes: 
                 )
                 hashes.append(ex["sha256"])
             assert hashes == sorted(hashes)  # each shard in content-hash order
+            # byte for byte what one in-memory sort of the shard's examples gives, whatever the budget
+            mine = [
+                ex
+                for ex in kept.values()
+                if (ex["split"], schema.shard_of(ex["sha256"], SHARDS[split])) == (split, index)
+            ]
+            expected = sorted(
+                (
+                    ex["sha256"],
+                    schema.encode_example(ex["image"], vocab.index(ex["label"]), ex["label"], ex["uri"]),
+                )
+                for ex in mine
+            )
+            assert storage.read_bytes(uri) == b"".join(schema.frame_record(r) for _, r in expected)
             seen += hashes
     assert sorted(seen) == sorted(kept)  # every kept example once, nothing else
     spills = storage.list_files(join(root, "spill"))
     assert spills and all(f.uri.endswith(".spill") for f in spills)  # the stage removes them
-    keys_written = 2 * 3  # train and eval, 3 shards each: one file each per bundle, unless rotated
+    keys_written = 3 + 2  # train's 3 shards and eval's 2: one file each per bundle, unless rotated
     assert len(spills) == keys_written if open_bytes > 1_000_000 else len(spills) > 2 * keys_written
     assert all(f.size <= open_bytes + 10_000 for f in spills)

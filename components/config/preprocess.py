@@ -55,7 +55,16 @@ class PreprocessConfig:
         help="threads reading and decoding images in each Beam worker; 0 = one per CPU the worker "
         "may use (its affinity and cgroup quota, e.g. a pod's CPU limit), at most 8",
     )
-    num_shards: int = option(4, help="TFRecord files per split")
+    num_shards: int = option(
+        0,
+        help="TFRecord files per split; 0 = from the data: files of about 150 MB, and at least one "
+        "train file per training worker (`cluster.workers`)",
+    )
+    shard_sort_mb: int = option(
+        64,
+        help="memory (MiB) each shard writer may hold to put its records in content-hash order; a "
+        "larger shard is sorted in runs on the worker's local disk and merged (same bytes either way)",
+    )
     min_image_size: int = option(32, help="images whose shorter side is smaller are rejected")
     max_bad_fraction: float = option(
         0.1, help="fail the run when more of the inputs than this are dead letters"
@@ -96,7 +105,8 @@ def check(p: PreprocessConfig) -> list[str]:
         (
             ("num_workers", p.num_workers, 0, 1024),
             ("image_threads", p.image_threads, 0, 256),
-            ("num_shards", p.num_shards, 1, 100_000),
+            ("num_shards", p.num_shards, 0, 100_000),
+            ("shard_sort_mb", p.shard_sort_mb, 1, 1_000_000),
             ("min_image_size", p.min_image_size, 1, 100_000),
             ("jpeg_quality", p.jpeg_quality, 1, 100),
             ("max_file_mb", p.max_file_mb, 1, 100_000),

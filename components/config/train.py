@@ -43,8 +43,9 @@ class TrainConfig:
     every epoch end, N every N steps (the last epoch's end never: ``fit`` deletes the backup as
     it returns). ``image_cache_mb`` is the memory each worker may spend keeping its decoded
     train and eval images after the first epoch (3 bytes a pixel), so later epochs decode
-    nothing; when they need more, or it is 0, only the encoded records are kept and every
-    epoch decodes them again.
+    nothing; when they need more, the encoded records are kept if they fit (every epoch decodes
+    them again); when those need more too, or it is 0, every epoch reads the TFRecords again,
+    and the worker's memory no longer grows with the number of images.
     """
 
     batch_size: int = option(32, help="per replica; the global batch is this times the replicas")
@@ -83,8 +84,9 @@ class TrainConfig:
     image_cache_mb: int = option(
         1024,
         help="memory (MiB, per worker) for keeping the decoded train and eval images after the first "
-        "epoch, so later epochs decode nothing; when they need more (3 bytes a pixel) or it is 0, the "
-        "encoded records are kept and decoded every epoch",
+        "epoch, so later epochs decode nothing; when they need more (3 bytes a pixel), the encoded "
+        "records are kept if they fit and decoded every epoch; else (or at 0) the TFRecords are read "
+        "again every epoch",
     )
 
 

@@ -173,6 +173,16 @@ def _iter_chunks(uri: str, size: int = _CHUNK) -> Iterator[bytes]:
         raise
 
 
+def iter_chunks(uri: str) -> Iterator[bytes]:
+    """A file's bytes as a stream of chunks (at most 8 MiB each), never held whole.
+
+    Raises:
+        FileNotFoundError: ``uri`` does not exist (the message names it).
+        NotAFile: a local path that is not a regular file (never opened).
+    """
+    return _iter_chunks(uri)
+
+
 class FileTooLarge(ValueError):
     """A file holds more than the reader allows (it was not read past the limit)."""
 

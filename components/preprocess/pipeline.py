@@ -20,12 +20,13 @@ import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-from components.core import storage
-from components.preprocess import analysis, schema, spill, transforms
+from components.core import scratch, storage
+from components.preprocess import analysis, progress, schema, spill, transforms
 from components.preprocess.sources import Candidate
 from components.preprocess.splits import SPLITS
 
 LEAKAGE_EXAMPLES = 10
+STEP_WRITE = "WriteTFRecords"
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class Plan:
     max_file_bytes: int  # an input over this is a dead letter, never read past it
     max_decoded_bytes: int  # an image whose decoded pixels would take more is a dead letter
     image_threads: int  # threads reading and decoding images per Beam worker; 0: one per core
-    num_shards: int
+    shards: dict[str, int]  # TFRecord files per split (``shards.plan_shards``)
+    sort_bytes: int  # memory a shard writer may hold to order its records (``spill.Sorter``)
     split_fractions: tuple[float, float, float]
     source_has_eval: bool
 
@@ -109,28 +111,28 @@ def _write_records(examples, plan: Plan, dropped, vocabulary):
 
     The image bytes never cross a shuffle: as they come from decoding, the examples are
     appended to spill files (one per bundle, split and shard), and only the files' names are
-    grouped by (split, shard). The writer reads them back and gives the examples their class
+    grouped by (split, shard). The writer streams them back and gives the examples their class
     ids, once the vocabulary and the dropped duplicates are known (side inputs). Encoded
     images are tens of KB, and moving them between stages through Beam is most of its cost
     per image (see :mod:`components.preprocess.spill`).
 
     Deterministic: a record's shard comes from its content hash and each shard is written in
     hash order, so the same images always give byte-identical files on any runner (and the
-    trainer, seeded, the same model). A shard's records are sorted in memory when it is
-    written: raise ``preprocess.num_shards`` to keep shards small (TensorFlow's guidance is
-    100-200 MB each).
+    trainer, seeded, the same model). A writer orders its shard within ``plan.sort_bytes``
+    of memory, in sorted runs on local disk beyond it (``spill.Sorter``): its memory does
+    not grow with the shard.
     """
     written = (
         examples
-        | "SpillByShard" >> beam.ParDo(_SpillFn(plan.spill_dir, plan.num_shards, SPILL_OPEN_BYTES))
+        | "SpillByShard" >> beam.ParDo(_SpillFn(plan.spill_dir, plan.shards, SPILL_OPEN_BYTES))
         | "GroupByShard" >> beam.GroupByKey()
-        | "WriteTFRecords"
-        >> beam.ParDo(_WriteShardFn(plan.output_dir, plan.num_shards), dropped, vocabulary).with_outputs(
-            transforms.DEAD_LETTER, _WRITTEN, main="records"
-        )
+        | STEP_WRITE
+        >> beam.ParDo(
+            _WriteShardFn(plan.output_dir, plan.shards, plan.sort_bytes), dropped, vocabulary
+        ).with_outputs(transforms.DEAD_LETTER, _WRITTEN, main="records")
     )
     # Every shard exists, an empty file when no image hashes to it (as Beam's own
-    # fixed-shard writes do), so readers always find num_shards files. Written apart, once
+    # fixed-shard writes do), so readers always find every split's files. Written apart, once
     # the others are: a Flatten into the grouping above would copy every image once more.
     # The written keys are a dict side input: built once, not once per shard key.
     written_keys = beam.pvalue.AsDict(
@@ -138,9 +140,8 @@ def _write_records(examples, plan: Plan, dropped, vocabulary):
     )
     empty = (
         examples.pipeline
-        | "EveryShard" >> beam.Create([(s, i) for s in SPLITS for i in range(plan.num_shards)])
-        | "WriteEmptyShards"
-        >> beam.FlatMap(_write_empty_shard, plan.output_dir, plan.num_shards, written_keys)
+        | "EveryShard" >> beam.Create([(s, i) for s in SPLITS for i in range(plan.shards[s])])
+        | "WriteEmptyShards" >> beam.FlatMap(_write_empty_shard, plan.output_dir, plan.shards, written_keys)
     )
     return written, empty
 
@@ -152,11 +153,11 @@ def _shard_uri(output_dir: str, split: str, index: int, num_shards: int) -> str:
     return storage.join(output_dir, split, schema.shard_name(index, num_shards))
 
 
-def _write_empty_shard(key: tuple[str, int], output_dir: str, num_shards: int, written: dict):
+def _write_empty_shard(key: tuple[str, int], output_dir: str, shards: dict[str, int], written: dict):
     if tuple(key) not in written:
         digest = _Digest()
-        storage.write_chunks(_shard_uri(output_dir, *key, num_shards), digest.through(iter(())))
-        yield digest.fact(*key, num_shards)
+        storage.write_chunks(_shard_uri(output_dir, *key, shards[key[0]]), digest.through(iter(())))
+        yield digest.fact(*key, shards[key[0]])
 
 
 # Bytes a bundle writes to its open spill files before it closes them and opens new ones.
@@ -174,9 +175,9 @@ class _SpillFn(beam.DoFn):
     files: a failed or retried bundle's files are never read, and go with the scratch space.
     """
 
-    def __init__(self, spill_dir: str, num_shards: int, max_open_bytes: int):
+    def __init__(self, spill_dir: str, shards: dict[str, int], max_open_bytes: int):
         self._dir = spill_dir
-        self._num_shards = num_shards
+        self._shards = shards
         self._max_open_bytes = max_open_bytes
         self._files: dict[tuple[str, int], tuple[str, Any]] = {}  # key -> (uri, open handle)
         self._open_bytes = 0
@@ -185,7 +186,7 @@ class _SpillFn(beam.DoFn):
         self._close()  # a failed bundle's files, if any
 
     def process(self, example: dict[str, Any]):
-        key = (example["split"], schema.shard_of(example["sha256"], self._num_shards))
+        key = (example["split"], schema.shard_of(example["sha256"], self._shards[example["split"]]))
         if key not in self._files:
             uri = storage.join(self._dir, f"{uuid.uuid4().hex}-{key[0]}-{key[1]:05d}.spill")
             self._files[key] = (uri, storage.open_for_write(uri))
@@ -214,16 +215,18 @@ class _SpillFn(beam.DoFn):
 class _WriteShardFn(beam.DoFn):
     """Writes one shard of one split; on every worker.
 
-    Reads the shard's examples from its spill files and gives each its class id from the
+    Streams the shard's examples from its spill files and gives each its class id from the
     vocabulary. Skips the copies Deduplicate dropped (here, where the image bytes are). An
     eval or test image whose label no train image has becomes a dead letter: the model could
-    never predict it. The shard is written in content-hash order, atomically, through the
-    storage edge.
+    never predict it. The records are put in content-hash order within ``sort_bytes`` of
+    memory (``spill.Sorter``: sorted runs in a local scratch folder beyond it) and the shard
+    is written atomically, streamed, through the storage edge.
     """
 
-    def __init__(self, output_dir: str, num_shards: int):
+    def __init__(self, output_dir: str, shards: dict[str, int], sort_bytes: int):
         self._output_dir = output_dir
-        self._num_shards = num_shards
+        self._shards = shards
+        self._sort_bytes = sort_bytes
         self._ids: dict[str, int] = {}
         self._dropped: set[int] = set()
         self._sources: tuple[Any, Any] = (None, None)
@@ -234,34 +237,38 @@ class _WriteShardFn(beam.DoFn):
             self._ids = {name: i for i, name in enumerate(vocabulary)}
             self._sources = (dropped, vocabulary)
         (split, index), spill_uris = shard
-        records, counts = [], Counter()
-        for example in _read_spills(spill_uris):
-            if example["id"] in self._dropped:
-                continue
-            label_id = self._ids.get(example["label"], analysis.UNKNOWN_LABEL)
-            if label_id == analysis.UNKNOWN_LABEL:
-                yield beam.pvalue.TaggedOutput(
-                    transforms.DEAD_LETTER,
-                    transforms.dead_letter(
-                        {**example, "split": split},
-                        "ApplyVocabulary",
-                        "label_not_in_train",
-                        f"label '{example['label']}' appears in {split} but in no train image",
-                    ),
-                )
-                continue
-            record = schema.encode_example(example["image"], label_id, example["label"], example["uri"])
-            records.append((example["sha256"], record))
-            counts[example["label"]] += 1
-        uri = _shard_uri(self._output_dir, split, index, self._num_shards)
-        records.sort()
-        digest = _Digest()
-        framed = (schema.frame_record(data) for _, data in records)
-        storage.write_chunks(uri, digest.through(framed))  # streamed
+        counts: Counter = Counter()
+        with spill.Sorter(self._sort_bytes, functools.partial(scratch.mkdtemp, "shard-sort")) as sorter:
+            for example in _read_spills(spill_uris):
+                if example["id"] in self._dropped:
+                    continue
+                label_id = self._ids.get(example["label"], analysis.UNKNOWN_LABEL)
+                if label_id == analysis.UNKNOWN_LABEL:
+                    yield beam.pvalue.TaggedOutput(transforms.DEAD_LETTER, _unknown_label(example, split))
+                    continue
+                record = schema.encode_example(example["image"], label_id, example["label"], example["uri"])
+                sorter.add(example["sha256"].encode("ascii"), record)
+                counts[example["label"]] += 1
+            num_shards = self._shards[split]
+            digest = _Digest()
+            framed = (schema.frame_record(record) for _, record in sorter.sorted())
+            uri = _shard_uri(self._output_dir, split, index, num_shards)
+            storage.write_chunks(uri, digest.through(framed))
+        progress.count(STEP_WRITE, progress.RECORDS, sum(counts.values()))
+        progress.count(STEP_WRITE, progress.SHARDS)
         yield beam.pvalue.TaggedOutput(_WRITTEN, (split, index))
-        yield digest.fact(split, index, self._num_shards)
+        yield digest.fact(split, index, num_shards)
         for label, count in sorted(counts.items()):
             yield ("record", split, label), count
+
+
+def _unknown_label(example: dict[str, Any], split: str) -> dict[str, Any]:
+    return transforms.dead_letter(
+        {**example, "split": split},
+        "ApplyVocabulary",
+        "label_not_in_train",
+        f"label '{example['label']}' appears in {split} but in no train image",
+    )
 
 
 class _Digest:
@@ -285,7 +292,7 @@ class _Digest:
 
 def _read_spills(uris):
     for uri in sorted(uris):
-        yield from spill.unpack(storage.read_bytes(uri))
+        yield from spill.unpack_stream(storage.iter_chunks(uri))
 
 
 def _write_reports(records, dead_letters, duplicates, output_dir: str) -> None:

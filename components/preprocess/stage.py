@@ -7,6 +7,7 @@ so a reader never sees half a run, and a re-run replaces the previous outputs wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,9 +22,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from components.config import Config, resolved_image_size, to_yaml
 from components.core import outputs, scratch, storage
 from components.core.errors import StageError
-from components.preprocess import analysis
+from components.preprocess import analysis, progress
 from components.preprocess import pipeline as graph
 from components.preprocess.download import ensure_source
+from components.preprocess.shards import plan_shards
 from components.preprocess.sources import Listing, discover
 from components.preprocess.splits import SPLITS
 from components.preprocess.transforms import available_cpus
@@ -78,6 +80,19 @@ def _runner(config: Config):
 
         return FnApiRunner()
     return None
+
+
+def _progress(config: Config, total: int, shards: int) -> contextlib.AbstractContextManager:
+    """Progress lines while the pipeline runs, where its steps run in this process (the local
+    runner's in-process worker); elsewhere the runner's UI and logs show its counters."""
+    if config.preprocess.runner in LOCAL_RUNNERS and local_workers(config) == 1:
+        return progress.Reporter(STAGE, total, shards, progress.interval())
+    where = "its worker processes' logs" if config.preprocess.runner in LOCAL_RUNNERS else "the runner's UI"
+    print(f"[{STAGE}] progress: Beam counters ({', '.join(_COUNTERS)}) in {where}", flush=True)
+    return contextlib.nullcontext()
+
+
+_COUNTERS = ("DecodeAndValidate/decoded", "DecodeAndValidate/rejected", f"{graph.STEP_WRITE}/records_written")
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,15 @@ def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> 
     candidates_uri = storage.join(work.staging, "tmp", "candidates.jsonl")
     storage.write_text(candidates_uri, "".join(c.to_json() + "\n" for c in listing.candidates))
     split = config.data.split
+    fractions = (split.train, split.eval, split.test)
+    shards = plan_shards(
+        (c.split for c in listing.candidates),
+        fractions,
+        listing.has_eval,
+        size,
+        config.preprocess.num_shards,
+        config.cluster.workers,
+    )
     plan = graph.Plan(
         candidates_uri=candidates_uri,
         output_dir=work.staging,
@@ -174,14 +198,17 @@ def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> 
         max_file_bytes=config.preprocess.max_file_mb * 2**20,
         max_decoded_bytes=config.preprocess.max_decoded_mb * 2**20,
         image_threads=image_threads(config),
-        num_shards=config.preprocess.num_shards,
-        split_fractions=(split.train, split.eval, split.test),
+        shards=shards,
+        sort_bytes=config.preprocess.shard_sort_mb * 2**20,
+        split_fractions=fractions,
         source_has_eval=listing.has_eval,
     )
     options = beam_options(config, storage.join(work.staging, "tmp", "beam"))
-    with tft_beam.Context(temp_dir=work.tft_temp, force_tf_compat_v1=False):
-        with beam.Pipeline(runner=_runner(config), options=options) as p:
-            graph.build(p, plan)
+    print(f"[{STAGE}] TFRecord files: " + ", ".join(f"{s} {n}" for s, n in shards.items()), flush=True)
+    with _progress(config, len(listing.candidates), sum(shards.values())):
+        with tft_beam.Context(temp_dir=work.tft_temp, force_tf_compat_v1=False):
+            with beam.Pipeline(runner=_runner(config), options=options) as p:
+                graph.build(p, plan)
     if work.transform_dir != work.staging:
         storage.copy_tree(work.transform_dir, work.staging)
     storage.delete_tree(storage.join(work.staging, "tmp"))

@@ -21,7 +21,7 @@ import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
 from components.core import storage
-from components.preprocess import images
+from components.preprocess import images, progress
 from components.preprocess.splits import assign_split
 
 DEAD_LETTER = "dead_letter"
@@ -189,11 +189,14 @@ class _ReadAndDecodeFn(beam.DoFn):
             self._seen += 1
             if self._seen % 500 == 0:
                 _LOG.info("DecodeAndValidate: %d images on this worker", self._seen)
+            progress.TALLY.add(progress.READ)
             if ok:
                 self._decoded.inc()
+                progress.TALLY.add(progress.DECODED)
                 yield row
             else:
                 self._rejected.inc()
+                progress.TALLY.add(progress.DEAD_LETTERS)
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER, row)
 
     def _one(self, candidate: Any) -> tuple[bool, dict[str, Any]]:

@@ -5,7 +5,8 @@ workers (no worker reads bytes it then drops), records otherwise. Files are inte
 cached in memory, shuffled, decoded in parallel, batched per replica, augmented on the fly
 and prefetched, so the accelerator never waits for input. The cache holds the decoded
 pixels when the stage finds they fit its memory budget (then later epochs decode nothing),
-the compact encoded records otherwise (decoded again every epoch).
+the compact encoded records when those fit (decoded again every epoch), and nothing
+otherwise: every epoch reads the files again, and memory no longer grows with the data.
 
 Repeatable: for one seed the batches, their order and their augmentation are the same in
 every run. Shuffles are seeded, parallel steps keep their order, and each batch's random
@@ -28,6 +29,8 @@ from components.core.errors import StageError
 from components.preprocess import schema
 
 AUTOTUNE = tf.data.AUTOTUNE
+# What a pipeline keeps in memory after its first pass (``stage.image_cache`` decides).
+DECODED, ENCODED, NO_CACHE = "decoded", "encoded", "none"
 
 
 def record_files(preprocess_dir: str, split: str) -> list[str]:
@@ -81,7 +84,7 @@ def image_dataset(
     augment: AugmentConfig | None = None,
     shuffle_buffer: int = 2048,
     seed: int = 0,
-    cache_decoded: bool = False,
+    cache: str = ENCODED,
 ) -> tf.data.Dataset:
     """Batches of ``(images, labels)`` from TFRecord ``files``.
 
@@ -96,9 +99,10 @@ def image_dataset(
             all run the same number of steps).
         augment: Random flip / rotation / crop of each batch, or None.
         seed: Seeds the shuffles and the augmentation.
-        cache_decoded: Keep the decoded pixels (uint8) in memory after the first pass, so
-            later epochs decode nothing; otherwise only the encoded records are kept and
-            every epoch decodes them again.
+        cache: What stays in memory after the first pass: :data:`DECODED` pixels (uint8;
+            later epochs decode nothing), :data:`ENCODED` records (decoded every epoch) or
+            nothing (:data:`NO_CACHE`: every epoch reads the files again). The first
+            epoch's batches are the same in all three.
     """
     by_file = len(files) >= shard.count
     dataset = tf.data.Dataset.from_tensor_slices(files)
@@ -115,14 +119,15 @@ def image_dataset(
     def pixels(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return decode(serialized, image_size)
 
-    if cache_decoded:  # 3 bytes a pixel: 150 KB per 224-px image
+    if cache == DECODED:  # 3 bytes a pixel: 150 KB per 224-px image
         dataset = dataset.map(pixels, num_parallel_calls=AUTOTUNE)
-    dataset = dataset.cache()  # else the encoded records: ~20 KB per 224-px image
+    if cache != NO_CACHE:
+        dataset = dataset.cache()  # else the encoded records: ~28 KB per 224-px image
     if training:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
     if repeat:
         dataset = dataset.repeat()
-    if not cache_decoded:
+    if cache != DECODED:
         dataset = dataset.map(pixels, num_parallel_calls=AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=training).map(_to_float)
     if augment is not None and (augment.flip or augment.rotation or augment.crop):

@@ -43,6 +43,7 @@ class Inputs:
     # SHA-256 over the class list, image size and the train and eval shards' recorded digests:
     # what a resume must match (None: the shards' digests were not recorded; never resume).
     digest: str | None = None
+    record_bytes: int = 0  # the train and eval TFRecords' bytes: what an encoded cache holds
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Run:
     steps_per_epoch: int
     jit_compile: bool
     policy: str
-    cache_decoded: bool  # the candidate's input keeps decoded pixels (stage.image_cache)
+    cache: str  # what the candidate's input keeps in memory (data.DECODED, ...; stage.image_cache)
 
     def say(self, message: str) -> None:
         """Progress on the console, from the chief only (other workers stay quiet)."""
@@ -154,7 +155,7 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
             augment=t.augment,
             shuffle_buffer=t.shuffle_buffer,
             seed=t.seed + ictx.input_pipeline_id,
-            cache_decoded=ctx.cache_decoded,
+            cache=ctx.cache,
         )
 
     def eval_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -164,7 +165,7 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
             ictx.get_per_replica_batch_size(ctx.global_batch),
             shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
             repeat=ctx.cluster.multi_worker,
-            cache_decoded=ctx.cache_decoded,
+            cache=ctx.cache,
         )
 
     history, timer = _fit(

@@ -62,14 +62,40 @@ def read_inputs(config: Config) -> Inputs:
         num_train=prep.records["train"],
         num_eval=prep.records.get("eval", 0),
         digest=prep.records_digest(),
+        record_bytes=sum(
+            int(f["bytes"])
+            for name, f in (prep.shards or {}).items()
+            if name.split("/")[0] in ("train", "eval")
+        ),
     )
 
 
-def image_cache(config: Config, inputs: Inputs, num_workers: int) -> tuple[bool, float]:
-    """Whether each worker keeps its decoded train and eval images in memory (within
-    ``train.image_cache_mb``), and the MiB they take."""
-    mib = data.decoded_mib(-(-(inputs.num_train + inputs.num_eval) // num_workers), inputs.image_size)
-    return mib <= config.train.image_cache_mb, mib
+def image_cache(config: Config, inputs: Inputs, num_workers: int) -> tuple[str, float]:
+    """What each worker keeps in memory of its train and eval images after the first epoch,
+    within ``train.image_cache_mb``: the decoded pixels when they fit, else the encoded
+    records when they fit, else nothing (``data.NO_CACHE``: the files are read every epoch,
+    and memory stays flat however many images there are); and the MiB the kept (or, with no
+    cache, the encoded) images take per worker."""
+    budget = config.train.image_cache_mb
+    decoded = data.decoded_mib(-(-(inputs.num_train + inputs.num_eval) // num_workers), inputs.image_size)
+    encoded = inputs.record_bytes / num_workers / 2**20
+    if decoded <= budget:
+        return data.DECODED, decoded
+    return (data.ENCODED if encoded <= budget else data.NO_CACHE), encoded
+
+
+def _cache_line(cache: str, mib: float, budget: int) -> str:
+    if cache == data.DECODED:
+        return f"input: decoded images kept in memory ({mib:.0f} MiB per worker)"
+    if cache == data.ENCODED:
+        return (
+            f"input: encoded images kept in memory ({mib:.0f} MiB per worker) and decoded every epoch "
+            f"(decoded they would be over train.image_cache_mb={budget})"
+        )
+    return (
+        f"input: TFRecords read from storage every epoch (even encoded, {mib:.0f} MiB per worker is over "
+        f"train.image_cache_mb={budget})"
+    )
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -84,7 +110,7 @@ def run(config: Config) -> dict[str, Any]:
     policy = distribute.precision_policy(config, placement.device)
     tf_keras.mixed_precision.set_global_policy(policy)
     global_batch = config.train.batch_size * placement.replicas
-    cache_decoded, cache_mib = image_cache(config, inputs, cluster.num_workers)
+    cache, cache_mib = image_cache(config, inputs, cluster.num_workers)
     ctx = Run(
         config=config,
         cluster=cluster,
@@ -95,7 +121,7 @@ def run(config: Config) -> dict[str, Any]:
         steps_per_epoch=max(1, inputs.num_train // global_batch),
         jit_compile=distribute.use_xla(config, placement.device),
         policy=policy,
-        cache_decoded=cache_decoded,
+        cache=cache,
     )
     if cluster.is_chief:
         _prepare_output(ctx)
@@ -105,12 +131,7 @@ def run(config: Config) -> dict[str, Any]:
         f"{inputs.num_train} train / {inputs.num_eval} eval images, {len(inputs.classes)} classes; "
         f"global batch {global_batch}, {ctx.steps_per_epoch} steps per epoch; {policy}, XLA {ctx.jit_compile}"
     )
-    ctx.say(
-        f"input: decoded images kept in memory ({cache_mib:.0f} MiB per worker)"
-        if ctx.cache_decoded
-        else f"input: encoded images kept in memory and decoded every epoch (decoded they would take "
-        f"{cache_mib:.0f} MiB per worker, over train.image_cache_mb={config.train.image_cache_mb})"
-    )
+    ctx.say(_cache_line(cache, cache_mib, config.train.image_cache_mb))
     tf_keras.utils.set_random_seed(config.train.seed)
     with placement.strategy.scope():
         clf = model.build_classifier(
@@ -140,7 +161,7 @@ def run(config: Config) -> dict[str, Any]:
         "global_batch_size": global_batch,
         "precision_policy": policy,
         "xla": ctx.jit_compile,
-        "image_cache": "decoded" if ctx.cache_decoded else "encoded",
+        "image_cache": ctx.cache,
         "baseline": baseline,
         "candidate": candidate,
         "seconds": round(time.perf_counter() - started, 2),
