@@ -176,7 +176,7 @@ def run(config: Config) -> dict[str, Any]:
 def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> None:
     """Writes the candidate list and runs the Beam graph into the staging directory."""
     candidates_uri = storage.join(work.staging, "tmp", "candidates.jsonl")
-    storage.write_text(candidates_uri, "".join(c.to_json() + "\n" for c in listing.candidates))
+    storage.write_chunks(candidates_uri, _jsonl_chunks(listing.candidates))
     split = config.data.split
     fractions = (split.train, split.eval, split.test)
     shards = plan_shards(
@@ -212,6 +212,12 @@ def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> 
     if work.transform_dir != work.staging:
         storage.copy_tree(work.transform_dir, work.staging)
     storage.delete_tree(storage.join(work.staging, "tmp"))
+
+
+def _jsonl_chunks(candidates: list, per_chunk: int = 4096):
+    """The candidate list as JSON lines, a few thousand at a time (never one string of all)."""
+    for start in range(0, len(candidates), per_chunk):
+        yield "".join(c.to_json() + "\n" for c in candidates[start : start + per_chunk]).encode("utf-8")
 
 
 def _publish(config: Config, summary: dict[str, Any], work: _Workspace) -> None:
