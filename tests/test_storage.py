@@ -221,3 +221,24 @@ def test_beam_pipeline_io_on_gcs(gcs_prefix: str) -> None:
             p | fileio.MatchFiles(join(gcs_prefix, "**")) | beam.Map(lambda m: (m.path, m.size_in_bytes))
         )
         assert_that(matched, equal_to([(f.uri, f.size) for f in written]), label="CheckMatch")
+
+
+def test_iter_chunks_streams_a_file(root: str) -> None:
+    data = os.urandom(3 * 2**20 + 5)
+    storage.write_bytes(join(root, "big.bin"), data)
+    assert b"".join(storage.iter_chunks(join(root, "big.bin"))) == data
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        list(storage.iter_chunks(join(root, "missing.bin")))
+
+
+@pytest.mark.gcs
+def test_local_copy_of_a_gcs_file_lies_in_a_scratch_folder_that_goes(gcs_prefix: str) -> None:
+    uri = join(gcs_prefix, "model.keras")
+    storage.write_bytes(uri, b"weights")
+    with storage.local_copy(uri) as path:
+        folder = os.path.dirname(path)
+        assert os.path.basename(folder).startswith("finetune-copy-")  # swept if this process is killed
+        assert path.endswith(".keras") and open(path, "rb").read() == b"weights"
+    assert not os.path.exists(folder)
+    with storage.local_copy(__file__) as path:  # a local path is its own copy
+        assert path == __file__

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -470,16 +469,20 @@ def move_tree(src_prefix: str, dst_prefix: str) -> int:
 @contextlib.contextmanager
 def local_copy(uri: str) -> Iterator[str]:
     """A local path holding ``uri``'s bytes: the path itself when local, otherwise a
-    temporary copy removed on exit (for readers such as Keras's that need a local file)."""
+    temporary copy removed on exit (for readers such as Keras's that need a local file). The
+    copy lies in a scratch folder (``scratch.mkdtemp``), so one that a killed process left
+    is swept by the next run."""
     if _is_local(uri):
         yield uri
         return
-    suffix = os.path.splitext(uri)[1]
-    fd, tmp = tempfile.mkstemp(prefix="finetune-", suffix=suffix)
+    from components.core import scratch  # scratch builds on this module
+
+    folder = scratch.mkdtemp("copy")
     try:
-        with os.fdopen(fd, "wb") as f:
+        tmp = os.path.join(folder, "file" + os.path.splitext(uri)[1])
+        with open(tmp, "wb") as f:
             for chunk in _iter_chunks(uri):
                 f.write(chunk)
         yield tmp
     finally:
-        os.unlink(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
