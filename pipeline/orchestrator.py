@@ -191,7 +191,10 @@ def orchestrate(
     """
     clock = time.perf_counter()
     executor.prepare(config)
-    fingerprint = stage_keys_module.input_fingerprint(config)
+    scan = stage_keys_module.scan_inputs(config, stage_keys_module.fingerprint_cache(config.run_dir))
+    fingerprint = scan.value
+    seconds = time.perf_counter() - clock
+    say(executor, f"input data fingerprint {fingerprint[:12]} ({seconds:.2f} s; {scan.describe()})")
     previous = run_record.load(config.run_dir, lambda m: say(executor, m))
     if if_new_data and not run_record.has_new_data(previous, fingerprint):
         finished = (run_record.last_success(previous) or {}).get("finished")
@@ -201,7 +204,6 @@ def orchestrate(
             f"({finished}); nothing to do",
         )
         return None
-    say(executor, f"input data fingerprint {fingerprint[:12]} ({time.perf_counter() - clock:.2f} s)")
     keys = stage_keys_module.stage_keys(config, fingerprint)
     record = RunRecord.new(fingerprint, keys, force=force, driver=executor.driver, previous=previous)
     last = previous.stages if previous else {}

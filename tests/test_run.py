@@ -286,6 +286,19 @@ def test_fake_run_skips_reruns_and_forces(fakes, fake_config, capsys):
     assert all(e["reason"] == "--force" for e in list(record["stages"].values())[:3])
 
 
+def test_fake_rerun_takes_unchanged_files_checksums_from_the_run_directorys_cache(
+    fakes, fake_config, tmp_path, capsys
+):
+    for rel in FILES:  # old enough to be recorded (a just-written file is racy)
+        os.utime(tmp_path / "images" / rel, ns=(0, time.time_ns() - 3600 * 10**9))
+    first = pipeline_run.run(fake_config())
+    assert "; 3 files hashed, 0 from the cache)" in capsys.readouterr().out
+    assert os.path.isfile(keys.fingerprint_cache(str(tmp_path / "run")))
+    again = pipeline_run.run(fake_config())
+    assert "; 0 files hashed, 3 from the cache)" in capsys.readouterr().out
+    assert again["input_fingerprint"] == first["input_fingerprint"] == _fingerprint(str(tmp_path / "images"))
+
+
 def test_fake_run_reruns_a_stage_whose_outputs_are_gone_and_the_ones_after(fakes, fake_config, tmp_path):
     pipeline_run.run(fake_config())
     os.remove(tmp_path / "run" / "train" / "candidate" / "model.keras")

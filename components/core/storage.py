@@ -374,6 +374,22 @@ def modified(uri: str) -> float:
     return _filesystems().last_updated(uri)
 
 
+def signature(uri: str) -> tuple[int, int, int, int, int] | None:
+    """``(size, mtime_ns, ctime_ns, inode, device)`` of a local regular file (a symlink
+    followed, as a read follows it): what a stat cache compares to know, without reading
+    it, that a file is unchanged (as git's index does). None for a missing or special file
+    and for a remote URI (whose checksum its listing gives)."""
+    if not _is_local(uri):
+        return None
+    try:
+        found = os.stat(uri)
+    except OSError:
+        return None
+    if not stat.S_ISREG(found.st_mode):
+        return None
+    return found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino, found.st_dev
+
+
 def delete_tree(prefix: str) -> None:
     """Deletes a file, or everything under a directory/prefix; a missing one is fine.
 

@@ -239,14 +239,15 @@ def _tflite(
 
 def fingerprint(prep: PreprocessOutput) -> dict[str, Any]:
     """What the model was trained and tested on: a SHA-256 over every TFRecord shard (names
-    and bytes, in order) with the counts, classes and source."""
+    and bytes, in order, each shard streamed in chunks) with the counts, classes and source."""
     prep_dir = prep.dir
     digest = hashlib.sha256()
     for split in ("train", "eval", "test"):
         for info in storage.list_files(storage.join(prep_dir, split)):
             if info.uri.endswith(schema.TFRECORD_SUFFIX):
                 digest.update(f"{split}/{info.uri.rsplit('/', 1)[-1]}\n".encode())
-                digest.update(storage.read_bytes(info.uri))
+                for chunk in storage.iter_chunks(info.uri):  # streamed: a shard is never held whole
+                    digest.update(chunk)
     return {
         "sha256": digest.hexdigest(),
         "source": prep.summary.get("source"),
