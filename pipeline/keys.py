@@ -55,6 +55,8 @@ EXECUTION_ONLY = frozenset(
 )
 # With gate.compare_to_production, evaluate also depends on where the production model is.
 CHAMPION_INPUTS = ("registry.uri", "registry.production_alias")
+# With preprocess.num_shards 0, the train split has at least one file per training worker.
+AUTO_SHARD_INPUTS = ("cluster.workers",)
 
 
 # The stat cache of the input's local files, under the run directory (trusted): a file whose
@@ -291,6 +293,8 @@ def config_slice(config: Config, stage: str) -> dict[str, Any]:
     keys = STAGE_INPUTS[stage]
     if stage == "evaluate" and config.gate.compare_to_production:
         keys += CHAMPION_INPUTS
+    if stage == "preprocess" and config.preprocess.num_shards == 0:
+        keys += AUTO_SHARD_INPUTS
     values: dict[str, Any] = {}
     for key in keys:
         values |= _flatten(key, functools.reduce(getattr, key.split("."), config))

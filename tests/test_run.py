@@ -141,6 +141,8 @@ def test_stage_keys_change_from_the_changed_stage_on():
         (["data.split={train: 0.7, eval: 0.2, test: 0.1}"], "preprocess"),
         (["model.image_size=96"], "preprocess"),
         (["preprocess.jpeg_quality=90"], "preprocess"),
+        (["cluster.workers=4"], "preprocess"),  # num_shards 0: a train file per worker at least
+        (["preprocess.num_shards=4"], "preprocess"),
         (["train.seed=1"], "train"),
         (["train.augment.flip=false"], "train"),
         (["model.dropout=0.3"], "train"),
@@ -168,6 +170,9 @@ def test_execution_only_keys_and_paths_do_not_change_any_key():
         "model.image_size=224",  # mobilenet_v2's default: the same size as 0
     )
     assert set(keys.config_slice(_config(), "push")) == {"registry.uri", "registry.promote_to"}
+    # An explicit shard count does not depend on the number of training workers.
+    assert _keys("preprocess.num_shards=4") == _keys("preprocess.num_shards=4", "cluster.workers=4")
+    assert "cluster.workers" in keys.config_slice(_config(), "preprocess")
     champion = _config("registry.uri=/reg", "gate.compare_to_production=true")
     assert keys.config_slice(champion, "evaluate")["registry.production_alias"] == "production"
 
