@@ -78,7 +78,7 @@ import tf_keras  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 from components.config import Config, load_config, to_yaml  # noqa: E402
 from components.preprocess import stage as preprocess_stage  # noqa: E402
-from components.train import data, distribute, model, phases, stage  # noqa: E402
+from components.train import data, distribute, features, model, phases, stage  # noqa: E402
 from tests.k8s_helpers import LocalWorkerGroup, WorkersFailed  # noqa: E402
 
 STARTED = time.perf_counter()
@@ -270,10 +270,11 @@ VARIANTS: dict[str, Callable[[Bench, Any, int, int], StepClock]] = {
 }
 
 
-def extract_features(bench: Bench, extract: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The baseline phase's feature pass: each train image once, batches as the stage's."""
+def extract_features(bench: Bench, extract: Any, width: int) -> features.Features:
+    """The baseline phase's feature pass: each train image once, batches as the stage's, kept
+    in memory."""
     dataset = data.image_dataset(bench.files, bench.size, phases.feature_batch_size(bench.batch))
-    return phases.extract_features(extract, dataset)
+    return features.Features.extract(extract, dataset, width)
 
 
 def baseline_round(bench: Bench, extract: Any, head: Any, frozen: Any, epochs: int) -> dict[str, float]:
@@ -281,12 +282,12 @@ def baseline_round(bench: Bench, extract: Any, head: Any, frozen: Any, epochs: i
     ``frozen`` classifier fitted on the images (same epochs, steps and batch), back to back."""
     t = bench.cfg.train
     started = time.perf_counter()
-    features, labels = extract_features(bench, extract)
+    kept = extract_features(bench, extract, int(head.input_shape[-1]))
     feature_seconds = time.perf_counter() - started
 
     def head_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = ictx.get_per_replica_batch_size(bench.batch)
-        return data.feature_dataset(features, labels, batch, training=True, repeat=True, seed=t.seed)
+        return kept.dataset(batch, training=True, repeat=True, seed=t.seed)
 
     bench.stage_fit(head, head_fn, epochs, bench.steps, "head")
     cached_seconds = time.perf_counter() - started

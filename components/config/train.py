@@ -45,7 +45,8 @@ class TrainConfig:
     train and eval images after the first epoch (3 bytes a pixel), so later epochs decode
     nothing; when they need more, the encoded records are kept if they fit (every epoch decodes
     them again); when those need more too, or it is 0, every epoch reads the TFRecords again,
-    and the worker's memory no longer grows with the number of images.
+    and the worker's memory no longer grows with the number of images. The baseline phase's
+    features follow the same budget: in memory when they fit, else in a local file.
     """
 
     batch_size: int = option(32, help="per replica; the global batch is this times the replicas")
@@ -86,7 +87,8 @@ class TrainConfig:
         help="memory (MiB, per worker) for keeping the decoded train and eval images after the first "
         "epoch, so later epochs decode nothing; when they need more (3 bytes a pixel), the encoded "
         "records are kept if they fit and decoded every epoch; else (or at 0) the TFRecords are read "
-        "again every epoch",
+        "again every epoch. The baseline's features (5 KB an image for MobileNetV2) stay in memory "
+        "within it too, else on local disk",
     )
 
 

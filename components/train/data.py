@@ -135,7 +135,7 @@ def image_dataset(
             lambda i, xy: (augment_batch(xy[0], augment, tf.stack([tf.cast(seed, tf.int64), i])), xy[1]),
             num_parallel_calls=AUTOTUNE,
         )
-    dataset = _unsharded(dataset.prefetch(AUTOTUNE))
+    dataset = unsharded(dataset.prefetch(AUTOTUNE))
     return dataset if training or repeat else _single_pass(dataset)
 
 
@@ -158,10 +158,10 @@ def feature_dataset(
         dataset = dataset.shuffle(len(labels), seed=seed)
     if repeat:
         dataset = dataset.repeat()
-    return _unsharded(dataset.batch(batch_size, drop_remainder=training).prefetch(AUTOTUNE))
+    return unsharded(dataset.batch(batch_size, drop_remainder=training).prefetch(AUTOTUNE))
 
 
-def _unsharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
+def unsharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """Turns off tf.distribute's auto-sharding: each pipeline is sharded above already."""
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

@@ -27,7 +27,7 @@ import tf_keras
 
 from components.config import Config
 from components.core import scratch, storage
-from components.train import data, distribute, model
+from components.train import data, distribute, features, model
 
 
 @dataclass(frozen=True)
@@ -86,40 +86,54 @@ def baseline_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
         return json.loads(storage.read_text(result_path))
     t = ctx.config.train
     started = time.perf_counter()
-    shard = data.Shard(ctx.cluster.num_workers, ctx.cluster.worker_index)
-    ctx.say(f"baseline: computing frozen {ctx.config.model.backbone} features once (cached for every epoch)")
+    width = int(clf.head.input_shape[-1])
+    per_worker = -(-ctx.inputs.num_train // ctx.cluster.num_workers) + ctx.inputs.num_eval
+    on_disk, where = features.placement(per_worker, width, t.image_cache_mb)
+    ctx.say(f"baseline: computing frozen {ctx.config.model.backbone} features once (kept {where})")
     extract = model.feature_extractor(clf, on_tpu=ctx.placement.device == "tpu")
-    train_x, train_y = _features(ctx, extract, ctx.inputs.train_files, shard)
-    eval_x, eval_y = (
-        _features(ctx, extract, ctx.inputs.eval_files, data.Shard())
-        if ctx.inputs.eval_files
-        else (None, None)
-    )
-    feature_seconds = time.perf_counter() - started
-    ctx.say(f"baseline: {len(train_y)} train features in {feature_seconds:.1f} s; training the head")
-    learning_rate = ctx.learning_rate(t.baseline_learning_rate)
-    with ctx.placement.strategy.scope():
-        head = model.head_trainer(clf, learning_rate, ctx.jit_compile)
+    batch = feature_batch_size(t.batch_size)
 
-    def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
-        batch = ictx.get_per_replica_batch_size(ctx.global_batch)
-        return data.feature_dataset(train_x, train_y, batch, training=True, repeat=True, seed=t.seed)
-
-    def eval_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
-        part = slice(ictx.input_pipeline_id, None, ictx.num_input_pipelines)
-        batch = ictx.get_per_replica_batch_size(ctx.global_batch)
-        return data.feature_dataset(
-            eval_x[part], eval_y[part], batch, training=False, repeat=ctx.cluster.multi_worker
+    def computed(files: list[str], shard: data.Shard) -> features.Features:
+        images = data.image_dataset(files, ctx.inputs.image_size, batch, shard=shard)
+        return features.Features.extract(
+            extract, images, width, scratch.mkdtemp("features") if on_disk else None
         )
 
-    history, timer = _fit(
-        ctx, head, "baseline", train_fn, eval_fn if eval_x is not None else None, t.baseline_epochs
-    )
-    evaluated = (
-        _exact_metrics(clf.head, [(eval_x, eval_y)]) if eval_x is not None and ctx.cluster.is_chief else None
-    )
+    train_f = computed(ctx.inputs.train_files, data.Shard(ctx.cluster.num_workers, ctx.cluster.worker_index))
+    eval_f = computed(ctx.inputs.eval_files, data.Shard()) if ctx.inputs.eval_files else None
+    try:
+        feature_seconds = time.perf_counter() - started
+        ctx.say(f"baseline: {len(train_f)} train features in {feature_seconds:.1f} s; training the head")
+        learning_rate = ctx.learning_rate(t.baseline_learning_rate)
+        with ctx.placement.strategy.scope():
+            head = model.head_trainer(clf, learning_rate, ctx.jit_compile)
+
+        def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
+            batch = ictx.get_per_replica_batch_size(ctx.global_batch)
+            return train_f.dataset(
+                batch, training=True, repeat=True, seed=t.seed, shuffle_buffer=t.shuffle_buffer
+            )
+
+        def eval_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
+            batch = ictx.get_per_replica_batch_size(ctx.global_batch)
+            part = (ictx.input_pipeline_id, ictx.num_input_pipelines)
+            return eval_f.dataset(batch, training=False, repeat=ctx.cluster.multi_worker, part=part)
+
+        history, timer = _fit(
+            ctx, head, "baseline", train_fn, eval_fn if eval_f is not None else None, t.baseline_epochs
+        )
+        evaluated = (
+            _exact_metrics(clf.head, eval_f.batches())
+            if eval_f is not None and ctx.cluster.is_chief
+            else None
+        )
+    finally:
+        for kept in (train_f, eval_f):
+            if kept is not None:
+                kept.close()
     result = _result(ctx, head, history, t.baseline_epochs, learning_rate, started, evaluated)
     result["feature_seconds"] = round(feature_seconds, 2)
+    result["features"] = train_f.where
     result["steps_run"] = timer.steps
     result["images_per_second"] = _rate(ctx, result, feature_seconds + timer.train_seconds)
     _save(ctx, clf.model, "baseline", result, history)
@@ -190,21 +204,6 @@ def feature_batch_size(batch_size: int) -> int:
     backward pass, so 4x the training batch fits wherever training does, and on a CPU
     larger batches run the forward pass faster."""
     return max(64, 4 * batch_size)
-
-
-def _features(ctx: Run, extract: Any, files: list[str], shard: data.Shard) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled backbone features and labels of this worker's shard of ``files``, computed once."""
-    batch = feature_batch_size(ctx.config.train.batch_size)
-    return extract_features(extract, data.image_dataset(files, ctx.inputs.image_size, batch, shard=shard))
-
-
-def extract_features(extract: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``extract`` (see ``model.feature_extractor``) over every batch of ``dataset``."""
-    parts, labels = [], []
-    for images, batch_labels in dataset:
-        parts.append(extract(images))
-        labels.append(batch_labels.numpy())
-    return np.concatenate(parts), np.concatenate(labels)
 
 
 class Backup(tf_keras.callbacks.BackupAndRestore):
