@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -28,6 +29,8 @@ examples:
   finetune evaluate --config configs/beans.yaml --set gate.min_improvement=0.02
   finetune push --config configs/beans.yaml --set registry.uri=registry
   finetune run --config configs/beans.yaml   # all stages; unchanged ones are skipped
+  finetune predict --model registry://beans@production --input gs://bucket/uploads/ \
+      --output gs://bucket/predictions/today --set registry.uri=gs://bucket/registry
   finetune registry list --registry registry
   finetune render --config configs/beans-cluster.yaml            # Kubernetes manifests (dry run)
   finetune submit --config configs/beans-cluster.yaml --wait     # the run on Kubernetes
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run_parser.add_argument("--force", action="store_true", help="re-run every stage, changed or not")
+    _add_predict(sub, common)
     from pipeline import registry_cli
 
     registry_cli.add_parser(sub)
@@ -165,6 +169,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the Markdown reference of every key (type, default, meaning) instead",
     )
     return parser
+
+
+PREDICT_EPILOG = """\
+examples:
+  finetune predict --model registry://beans@production --input new_images/ --output predictions/ \\
+      --set registry.uri=registry
+  finetune predict --model registry://beans/3 --input gs://bucket/uploads.csv --output gs://bucket/out \\
+      --config my.yaml --set predict.format=parquet
+  finetune predict --model runs/beans/export/saved_model --input new_images/ --output predictions/
+
+outputs, under --output (replaced whole once the run has finished):
+  predictions-SSSSS-of-NNNNN.jsonl   {uri, class_name, class_id, probability, top_k, model}
+  dead_letter.jsonl                  {uri, stage, reason, detail} for each image not classified
+  summary.json                       counts per class and reason, images/s, the model resolved
+"""
+
+
+def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    predict = sub.add_parser(
+        "predict",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="classify a folder, bucket or manifest of images with a registry model (Beam RunInference)",
+        description=(
+            "Classify every image of --input (a folder or gs:// prefix, recursively, or a CSV/JSONL "
+            "manifest) with --model, as a Beam pipeline (predict.runner: the local runner, Dataflow, "
+            "Flink, Spark) using Beam's RunInference and the SavedModel's own serving_default "
+            "signature, so each prediction is what TF Serving would answer. A registry alias is "
+            "resolved once, at the start, and the version it named is used throughout. Images "
+            "preprocessing would refuse (unreadable, not an image, too large, ...) and images the "
+            "model cannot decode go to dead_letter.jsonl with their reason. No run_dir or "
+            "data.source is needed."
+        ),
+        epilog=PREDICT_EPILOG,
+    )
+    predict.add_argument(
+        "--model",
+        metavar="REF",
+        help="registry://NAME@ALIAS, registry://NAME/VERSION (in registry.uri), or a SavedModel "
+        "folder or gs:// URI (predict.model)",
+    )
+    predict.add_argument(
+        "--input", metavar="SOURCE", help="folder, gs:// prefix or .csv/.jsonl manifest (predict.input)"
+    )
+    predict.add_argument("--output", metavar="URI", help="output folder or gs:// prefix (predict.output)")
+
+
+def _predict_overrides(args: argparse.Namespace) -> list[str]:
+    """The command's flags as ``--set`` overrides, after the user's own (the flags win)."""
+    flags = (("model", args.model), ("input", args.input), ("output", args.output))
+    return [*args.overrides, *(f"predict.{key}={json.dumps(value)}" for key, value in flags if value)]
 
 
 RENDER_EPILOG = """\
@@ -225,22 +280,28 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "tensorflow", "absl", "tensorflow_transform"):
         logging.getLogger(noisy).setLevel(level)
-    absl = logging.getLogger("absl")
-    if verbose:
-        absl.removeFilter(not_instance_dicts_notice)
-    else:
-        absl.addFilter(not_instance_dicts_notice)
+    for name in ("absl", ""):  # "": the root logger, where Beam's RunInference warns
+        logger = logging.getLogger(name)
+        if verbose:
+            logger.removeFilter(not_instance_dicts_notice)
+        else:
+            logger.addFilter(not_instance_dicts_notice)
 
 
 # tf.Transform's notice, at WARNING, each time AnalyzeDataset is given instance dicts (which
 # cost per row): preprocessing hands it 7 numbers per image (the label and pixel statistics),
 # not the images, and the notice asks nothing of a user. Shown with -v.
 TFT_INSTANCE_DICTS = "You are passing instance dicts and DatasetMetadata to TFT"
+# Beam's RunInference, at each model load: its `resource` import sits in one try block with a
+# module that imports torch, so without torch it says memory cannot be fetched (on Linux,
+# where it can). Not the user's to act on; shown with -v.
+BEAM_NO_RESOURCE = "Resource module is not available for current platform"
+NOTICES = (TFT_INSTANCE_DICTS, BEAM_NO_RESOURCE)
 
 
 def not_instance_dicts_notice(record: logging.LogRecord) -> bool:
-    """The ``absl`` logger's filter without -v: False for tf.Transform's instance-dicts notice."""
-    return not record.getMessage().startswith(TFT_INSTANCE_DICTS)
+    """The ``absl`` and root loggers' filter without -v: False for the :data:`NOTICES`."""
+    return not record.getMessage().startswith(NOTICES)
 
 
 # What TensorFlow writes to stderr while it loads that asks nothing of a user (issue #18).
@@ -257,7 +318,7 @@ CUINIT_FAILED = "] failed call to cuInit:"
 # The commands that import TensorFlow in this process (the stages, and `run` for them); they
 # import it up front, after the configuration is valid (a `run` whose stages are all skipped
 # pays the ~3 s too).
-TENSORFLOW_COMMANDS = frozenset({"run", "preprocess", "train", "evaluate", "push"})
+TENSORFLOW_COMMANDS = frozenset({"run", "preprocess", "train", "evaluate", "push", "predict"})
 
 
 def without_startup_noise(text: str) -> str:
@@ -353,7 +414,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config" and args.reference:
             sys.stdout.write(reference())
             return 0
-        config = load_config(args.config, args.overrides)
+        if args.command == "predict":
+            config = load_config(args.config, _predict_overrides(args), training=False)
+        else:
+            config = load_config(args.config, args.overrides)
         if args.command == "config":
             sys.stdout.write(to_yaml(config))
             return 0
@@ -363,6 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cluster_cli.with_config(config, args)
         if args.command in TENSORFLOW_COMMANDS and quiet_startup():
             import_tensorflow_quietly()
+        if args.command == "predict":
+            from components.predict import stage as predict_stage
+
+            predict_stage.run(config)
+            return 0
         if args.command == "run":
             from pipeline import run as pipeline_run
 

@@ -60,14 +60,19 @@ def test_the_instance_dicts_notice_is_hidden_unless_verbose(monkeypatch):
         "absl", logging.WARNING, __file__, 1, cli.TFT_INSTANCE_DICTS + " ...", (), None
     )
     other = logging.LogRecord("absl", logging.WARNING, __file__, 1, "something real", (), None)
-    absl = logging.getLogger("absl")
+    beam_notice = logging.LogRecord(
+        "root", logging.WARNING, __file__, 1, cli.BEAM_NO_RESOURCE + ", ...", (), None
+    )
+    absl, root = logging.getLogger("absl"), logging.getLogger()
     try:
         cli._setup_logging(verbose=False)
         assert not absl.filter(notice) and absl.filter(other)
+        assert not root.filter(beam_notice) and root.filter(other)
         cli._setup_logging(verbose=True)
-        assert absl.filter(notice) and absl.filter(other)
+        assert absl.filter(notice) and absl.filter(other) and root.filter(beam_notice)
     finally:
         absl.removeFilter(cli.not_instance_dicts_notice)
+        root.removeFilter(cli.not_instance_dicts_notice)
 
 
 def _preprocess(source: str, run_dir: str, *flags: str) -> subprocess.Popen:

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from components.backbones import get_backbone
-from components.config import cluster, data, evaluate, model, preprocess, registry, train
+from components.config import cluster, data, evaluate, model, predict, preprocess, registry, train
 from components.config.cluster import ClusterConfig
 from components.config.data import DataConfig, DownloadLimitsConfig, SplitConfig
 from components.config.evaluate import EvaluateConfig, ExportConfig, GateConfig
 from components.config.model import ModelConfig
+from components.config.predict import ModelRef, PredictConfig, parse_model_ref
 from components.config.preprocess import KNOWN_RUNNERS, PreprocessConfig, secret_option_keys
 from components.config.registry import ALIAS_RE, NAME_RE, RegistryConfig
 from components.config.train import AugmentConfig, TrainConfig
@@ -41,11 +42,14 @@ __all__ = [
     "ExportConfig",
     "GateConfig",
     "ModelConfig",
+    "ModelRef",
+    "PredictConfig",
     "PreprocessConfig",
     "RegistryConfig",
     "SplitConfig",
     "TrainConfig",
     "load_config",
+    "parse_model_ref",
     "reference",
     "resolved_image_size",
     "secret_option_keys",
@@ -72,27 +76,32 @@ class Config:
     export: ExportConfig = option(help="the blessed candidate's SavedModel", factory=ExportConfig)
     registry: RegistryConfig = option(help="the serving registry", factory=RegistryConfig)
     cluster: ClusterConfig = option(help="the run on Kubernetes", factory=ClusterConfig)
+    predict: PredictConfig = option(
+        help="batch prediction with a registry model (`finetune predict`)", factory=PredictConfig
+    )
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | None = None, overrides: Sequence[str] = (), training: bool = True) -> Config:
     """Builds the validated configuration.
 
     Args:
         path: A YAML file (local or gs://), or None for defaults only.
         overrides: ``key=value`` strings with dotted keys; values are parsed as YAML.
+        training: Whether ``run_dir`` and ``data.source`` are required: every command but
+            ``finetune predict``, which reads ``predict.input`` and writes ``predict.output``.
 
     Raises:
         ConfigError: on unknown keys, wrong types or invalid values, listing all of them.
     """
-    return validate(configtree.load_tree(Config, path, overrides))
+    return validate(configtree.load_tree(Config, path, overrides), training)
 
 
-def validate(config: Config) -> Config:
+def validate(config: Config, training: bool = True) -> Config:
     """Checks every value; returns the config unchanged or raises one error listing all."""
     problems = registry.check_name(config.name)
-    if not config.run_dir:
+    if training and not config.run_dir:
         problems.append("run_dir: required (a local directory or gs:// URI for all outputs)")
-    problems += data.check(config.data)
+    problems += data.check(config.data, needs_source=training)
     problems += model.check(config.model)
     problems += configtree.non_finite(config)
     problems += preprocess.check(config.preprocess)
@@ -102,6 +111,7 @@ def validate(config: Config) -> Config:
     problems += evaluate.check_export(config.export)
     problems += registry.check(config.registry)
     problems += cluster.check(config.cluster)
+    problems += predict.check(config.predict, registry_uri=config.registry.uri)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return config

@@ -98,10 +98,10 @@ class DataConfig:
     split: SplitConfig = option(help="fractions when the source has no splits", factory=SplitConfig)
 
 
-def check(d: DataConfig) -> list[str]:
-    """Every problem of the ``data`` section."""
+def check(d: DataConfig, needs_source: bool = True) -> list[str]:
+    """Every problem of the ``data`` section (an empty ``source`` only when ``needs_source``)."""
     problems = []
-    if not d.source:
+    if needs_source and not d.source:
         problems.append("data.source: required (image folder, split folders, or CSV/JSONL manifest)")
     problems += _check_download(d)
     split = d.split

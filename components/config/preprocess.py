@@ -85,21 +85,28 @@ def secret_option_keys(options: dict[str, Any]) -> list[str]:
     return sorted(k for k in options if _SECRET_KEY_RE.search(str(k)) and str(k) not in SAFE_OPTION_KEYS)
 
 
-def check(p: PreprocessConfig) -> list[str]:
-    """Every problem of the ``preprocess`` section."""
+def runner_problems(section: str, runner: str, options: dict[str, Any]) -> list[str]:
+    """The problems of a section's Beam ``runner`` and ``pipeline_options`` (``preprocess``
+    and ``predict`` share the rules)."""
     problems = []
-    secret = secret_option_keys(p.pipeline_options)
+    secret = secret_option_keys(options)
     if secret:
         problems.append(
-            f"preprocess.pipeline_options: {', '.join(secret)} look like credentials, which would be written "
+            f"{section}.pipeline_options: {', '.join(secret)} look like credentials, which would be written "
             "into every config.yaml, the cluster's ConfigMap and the registry; give the workers an identity "
             "instead (Workload Identity, cluster.credentials_secret, or the runner's service account)"
         )
-    if p.runner not in KNOWN_RUNNERS and "." not in p.runner:
+    if runner not in KNOWN_RUNNERS and "." not in runner:
         problems.append(
-            f"preprocess.runner: unknown runner '{p.runner}'{did_you_mean(p.runner, KNOWN_RUNNERS)} "
+            f"{section}.runner: unknown runner '{runner}'{did_you_mean(runner, KNOWN_RUNNERS)} "
             f"Valid: {', '.join(KNOWN_RUNNERS)}, or a dotted path to a runner class"
         )
+    return problems
+
+
+def check(p: PreprocessConfig) -> list[str]:
+    """Every problem of the ``preprocess`` section."""
+    problems = runner_problems("preprocess", p.runner, p.pipeline_options)
     problems += out_of_range(
         "preprocess.",
         (

@@ -65,17 +65,17 @@ def decoded_bytes(image: Image.Image) -> int:
     return width * height * (_MODE_BYTES.get(image.mode, len(image.getbands()) * wide) + 3)
 
 
-def process_image(
-    data: bytes, size: int, min_size: int = 1, quality: int = 95, max_decoded: int = DEFAULT_MAX_DECODED_BYTES
-) -> ProcessedImage:
-    """Decodes ``data`` and returns it as a ``size`` x ``size`` RGB JPEG.
+def inspect(
+    data: bytes, min_size: int = 1, max_decoded: int = DEFAULT_MAX_DECODED_BYTES, draft: int = 0
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Opens ``data`` and checks what its header says, decoding no pixels: a supported format
+    (JPEG, PNG, BMP, GIF), at least ``min_size`` pixels on the shorter side, under Pillow's
+    pixel limit, and decoded pixels within ``max_decoded`` bytes (a JPEG at the reduced DCT
+    scale that still gives ``draft`` pixels, when ``draft`` is set). Returns the opened image
+    and its ``(width, height)`` as stored (before a draft scale or EXIF orientation).
 
-    JPEG, PNG, BMP and GIF (first frame) are accepted; grayscale, palette, RGBA, CMYK and
-    16-bit inputs become 8-bit RGB (transparency is composited on white) and the EXIF
-    orientation is applied. Large JPEGs are decoded at a reduced DCT scale that is still at
-    least ``size`` pixels, which is several times faster than a full decode. An image whose
-    decoded pixels would take more than ``max_decoded`` bytes (from its header, before any
-    decoding; a JPEG at its reduced scale) is refused: a small file can declare a huge canvas.
+    ``finetune predict`` checks its inputs with this alone (the model decodes them itself), so
+    both stages refuse the same files for the same reasons.
 
     Raises:
         BadImage: with the reason the image cannot be used.
@@ -107,14 +107,34 @@ def process_image(
         )
     if min(width, height) < min_size:
         raise BadImage(TOO_SMALL, f"{width}x{height} px is below the minimum of {min_size} px")
-    if source_format == "JPEG":
-        image.draft("RGB", (size, size))  # only sets the decoder's scale: nothing decoded yet
+    if draft and source_format == "JPEG":
+        image.draft("RGB", (draft, draft))  # only sets the decoder's scale: nothing decoded yet
     if decoded_bytes(image) > max_decoded:
         raise BadImage(
             TOO_LARGE,
             f"{width}x{height} px ({image.mode}) would take {decoded_bytes(image) / 2**20:.0f} MiB decoded, "
             f"over preprocess.max_decoded_mb ({max_decoded / 2**20:.0f} MiB)",
         )
+    return image, (width, height)
+
+
+def process_image(
+    data: bytes, size: int, min_size: int = 1, quality: int = 95, max_decoded: int = DEFAULT_MAX_DECODED_BYTES
+) -> ProcessedImage:
+    """Decodes ``data`` and returns it as a ``size`` x ``size`` RGB JPEG.
+
+    JPEG, PNG, BMP and GIF (first frame) are accepted; grayscale, palette, RGBA, CMYK and
+    16-bit inputs become 8-bit RGB (transparency is composited on white) and the EXIF
+    orientation is applied. Large JPEGs are decoded at a reduced DCT scale that is still at
+    least ``size`` pixels, which is several times faster than a full decode. An image whose
+    decoded pixels would take more than ``max_decoded`` bytes (from its header, before any
+    decoding; a JPEG at its reduced scale) is refused: a small file can declare a huge canvas.
+
+    Raises:
+        BadImage: with the reason the image cannot be used.
+    """
+    image, (width, height) = inspect(data, min_size, max_decoded, draft=size)
+    source_format = str(image.format)
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright

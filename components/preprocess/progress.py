@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TextIO
 
 from apache_beam.metrics import Metrics
@@ -84,11 +85,22 @@ class Reporter:
     in this process (a background thread), and once more when it stops. On a terminal the
     line is rewritten in place; otherwise (a log, a pod) each is a line of its own.
 
-    Use as a context manager around the pipeline run; the tally starts from zero.
+    Use as a context manager around the pipeline run; the tally starts from zero. ``describe``
+    makes the line from the counts, the total and the seconds (default: preprocessing's
+    :func:`line` with ``shards``).
     """
 
-    def __init__(self, prefix: str, total: int, shards: int, every: float, out: TextIO | None = None):
-        self._prefix, self._total, self._shards, self._every = prefix, total, shards, every
+    def __init__(
+        self,
+        prefix: str,
+        total: int,
+        shards: int,
+        every: float,
+        out: TextIO | None = None,
+        describe: Callable[[dict[str, int], int, float], str] | None = None,
+    ):
+        self._prefix, self._total, self._every = prefix, total, every
+        self._describe = describe or (lambda counts, total, seconds: line(counts, total, shards, seconds))
         self._out = out or sys.stdout
         self._tty = self._out.isatty()
         self._stop = threading.Event()
@@ -111,7 +123,7 @@ class Reporter:
             self._print(end="" if self._tty else "\n")
 
     def _print(self, end: str) -> None:
-        text = line(TALLY.snapshot(), self._total, self._shards, time.perf_counter() - self._started)
+        text = self._describe(TALLY.snapshot(), self._total, time.perf_counter() - self._started)
         start = "\r\x1b[2K" if self._tty else ""
         self._out.write(f"{start}[{self._prefix}] {text}{end}")
         self._out.flush()

@@ -140,6 +140,43 @@ def discover(source: str, allowed_roots: Sequence[str] = ()) -> Listing:
     )
 
 
+def discover_images(source: str, allowed_roots: Sequence[str] = ()) -> Listing:
+    """Lists unlabelled images to classify (``finetune predict``): every file under a folder
+    or gs:// prefix, recursively, or every row of a CSV/JSONL manifest (its ``uri``/``path``
+    column or key, or a CSV's first column; labels and splits are not read). The same rules as
+    :func:`discover`: rows confined to the source or ``allowed_roots``, special files and bad
+    rows kept as candidates with their problem, the layout ``folder`` or ``manifest``.
+
+    Raises:
+        ConfigError: when the source does not exist or holds no files.
+    """
+    if source.lower().endswith(MANIFEST_SUFFIXES):
+        try:
+            text = storage.read_text(source)
+        except FileNotFoundError:
+            raise ConfigError(f"predict.input: manifest not found: {source}") from None
+        base = source.rsplit("/", 1)[0] if "/" in source else "."
+        rows = _csv_rows(text) if source.lower().endswith(".csv") else _jsonl_rows(text)
+        candidates = [_image_row(source, base, n, row) for n, row in rows]
+        return _listing("manifest", _confine(candidates, [base, *allowed_roots]))
+    files = storage.list_files(source, special=True)
+    if not files:
+        raise ConfigError(
+            f"predict.input: no files under {source}; expected a folder of images or a .csv/.jsonl manifest"
+        )
+    candidates = [Candidate(f.uri, size=f.size) for f in files]
+    return _listing("folder", _confine(candidates, [source, *allowed_roots]))
+
+
+def _image_row(manifest: str, base: str, line: int, row: dict | str) -> Candidate:
+    if isinstance(row, str):
+        return Candidate(f"{manifest}#L{line}", problem=BAD_MANIFEST_ROW, detail=row)
+    path = str(row.get("uri") or row.get("path") or "").strip()
+    if not path:
+        return Candidate(f"{manifest}#L{line}", problem=BAD_MANIFEST_ROW, detail=f"line {line}: no uri")
+    return Candidate(path if storage.is_absolute(path) else storage.join(base, path))
+
+
 def _confine(candidates: list[Candidate], roots: Sequence[str]) -> list[Candidate]:
     """The candidates, those outside every root turned into ``outside_source`` problems."""
     resolved = [_resolved(r) for r in roots]

@@ -22,18 +22,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from components.config import Config, resolved_image_size, to_yaml
 from components.core import outputs, scratch, storage
 from components.core.errors import StageError
-from components.preprocess import analysis, progress
+from components.preprocess import analysis, progress, runners
 from components.preprocess import pipeline as graph
 from components.preprocess.download import ensure_source
+from components.preprocess.runners import LOCAL_RUNNERS
 from components.preprocess.shards import plan_shards
 from components.preprocess.sources import Listing, discover
 from components.preprocess.splits import SPLITS
 from components.preprocess.transforms import available_cpus
 
 STAGE = "preprocess"
-# Runners that execute in this process's machine, where TF's file system cannot reach a
-# GCS emulator and need not: the transform graph is staged locally and uploaded.
-LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "PrismRunner")
 
 
 def output_dir(config: Config) -> str:
@@ -60,26 +58,9 @@ def image_threads(config: Config) -> int:
 
 
 def beam_options(config: Config, temp_location: str) -> PipelineOptions:
-    """The Beam options: ``preprocess.pipeline_options`` passed through unchanged (they win),
-    plus the runner and, for the local runner, its worker count and mode."""
+    """The Beam options of ``preprocess.runner`` (:func:`runners.pipeline_options`)."""
     p = config.preprocess
-    options: dict[str, Any] = {"runner": p.runner, "temp_location": temp_location}
-    if p.runner in LOCAL_RUNNERS:
-        workers = local_workers(config)
-        options["direct_num_workers"] = workers
-        options["direct_running_mode"] = "multi_processing" if workers > 1 else "in_memory"
-    options.update(p.pipeline_options)
-    return PipelineOptions(flags=[], **options)
-
-
-def _runner(config: Config):
-    """The local DirectRunner is pinned to Beam's FnApiRunner (the one that honours
-    ``direct_num_workers``), instead of letting it try to download the Prism runner."""
-    if config.preprocess.runner == "DirectRunner":
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-        return FnApiRunner()
-    return None
+    return runners.pipeline_options(p.runner, p.pipeline_options, p.num_workers, temp_location)
 
 
 def _progress(config: Config, total: int, shards: int) -> contextlib.AbstractContextManager:
@@ -214,7 +195,9 @@ def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> 
     print(f"[{STAGE}] TFRecord files: " + ", ".join(f"{s} {n}" for s, n in shards.items()), flush=True)
     with _progress(config, total, sum(shards.values())):
         with tft_beam.Context(temp_dir=work.tft_temp, force_tf_compat_v1=False):
-            with beam.Pipeline(runner=_runner(config), options=options) as p:
+            with beam.Pipeline(
+                runner=runners.runner_instance(config.preprocess.runner), options=options
+            ) as p:
                 graph.build(p, plan)
     if work.transform_dir != work.staging:
         storage.copy_tree(work.transform_dir, work.staging)

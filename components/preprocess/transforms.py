@@ -9,6 +9,7 @@ metrics, dead letters and Kubernetes Job names.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -133,19 +134,18 @@ class _ReadAndDecodeFn(beam.DoFn):
     def __init__(
         self,
         read: Callable[[str], bytes],
-        size: int,
-        min_size: int,
-        quality: int,
+        check: Callable[[dict[str, Any]], tuple[bool, Any]],
         threads: int,
-        max_file: int = DEFAULT_MAX_FILE_BYTES,
-        max_decoded: int = images.DEFAULT_MAX_DECODED_BYTES,
+        max_file: int,
+        step: str,
     ):
         self._read = read
+        self._check = check
         self._max_file = max_file
-        self._args = (size, min_size, quality, max_decoded)
+        self._step = step
         self._threads = threads
-        self._decoded = beam.metrics.Metrics.counter("DecodeAndValidate", "decoded")
-        self._rejected = beam.metrics.Metrics.counter("DecodeAndValidate", "rejected")
+        self._decoded = beam.metrics.Metrics.counter(step, "decoded")
+        self._rejected = beam.metrics.Metrics.counter(step, "rejected")
         self._seen = 0
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[tuple[list[Future], Any, Any]] = []  # submitted: futures, timestamp, window
@@ -188,7 +188,7 @@ class _ReadAndDecodeFn(beam.DoFn):
         for ok, row in results:
             self._seen += 1
             if self._seen % 500 == 0:
-                _LOG.info("DecodeAndValidate: %d images on this worker", self._seen)
+                _LOG.info("%s: %d images on this worker", self._step, self._seen)
             progress.TALLY.add(progress.READ)
             if ok:
                 self._decoded.inc()
@@ -199,50 +199,82 @@ class _ReadAndDecodeFn(beam.DoFn):
                 progress.TALLY.add(progress.DEAD_LETTERS)
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER, row)
 
-    def _one(self, candidate: Any) -> tuple[bool, dict[str, Any]]:
-        """On a pool thread: one candidate's example, or its dead letter."""
-        record = {
-            "id": candidate.id,
-            "uri": candidate.uri,
-            "label": candidate.label,
-            "split": candidate.split,
-        }
-        if candidate.problem:
-            return False, dead_letter(record, "ListImages", candidate.problem, candidate.detail)
-        too_large = f"over preprocess.max_file_mb ({self._max_file / 2**20:g} MiB)"
-        if candidate.size > self._max_file:  # known from the listing: not read at all
-            return False, dead_letter(
-                record, "ReadImages", FILE_TOO_LARGE, f"{candidate.size} bytes, {too_large}"
-            )
-        try:
-            record["data"] = self._read(candidate.uri)
-            if len(record["data"]) > self._max_file:  # a reader that does not bound itself
-                raise storage.FileTooLarge(candidate.uri, self._max_file)
-        except storage.NotAFile as e:
-            return False, dead_letter(record, "ReadImages", NOT_A_FILE, str(e))
-        except storage.FileTooLarge:
-            return False, dead_letter(
-                record, "ReadImages", FILE_TOO_LARGE, f"more than {self._max_file} bytes, {too_large}"
-            )
-        except Exception as e:  # any read error (missing, permission denied, ...): this file's
-            # problem, after the client's own retries, not the run's
-            return False, dead_letter(record, "ReadImages", "unreadable", f"{type(e).__name__}: {e}")
-        return decode_record(record, *self._args)
+    def _one(self, candidate: Any) -> tuple[bool, Any]:
+        """On a pool thread: one candidate's checked output, or its dead letter."""
+        ok, record = read_candidate(candidate, self._read, self._max_file)
+        return self._check(record) if ok else (False, record)
 
 
-class ReadAndDecode(beam.PTransform):
-    """Candidates (``sources.Candidate``) -> examples, plus a ``dead_letter`` output.
+def read_candidate(
+    candidate: Any, read: Callable[[str], bytes], max_file: int
+) -> tuple[bool, dict[str, Any]]:
+    """Reads one listed candidate (``sources.Candidate``): ``(True, record)`` with its bytes in
+    ``data``, or ``(False, dead letter)``: a problem found while listing, a file over
+    ``max_file`` bytes (unread when the listing knew its size), not a regular file, or any
+    read error (missing, permission denied, ...), after the client's own retries."""
+    record = {"id": candidate.id, "uri": candidate.uri, "label": candidate.label, "split": candidate.split}
+    if candidate.problem:
+        return False, dead_letter(record, "ListImages", candidate.problem, candidate.detail)
+    too_large = f"over preprocess.max_file_mb ({max_file / 2**20:g} MiB)"
+    if candidate.size > max_file:  # known from the listing: not read at all
+        return False, dead_letter(
+            record, "ReadImages", FILE_TOO_LARGE, f"{candidate.size} bytes, {too_large}"
+        )
+    try:
+        record["data"] = read(candidate.uri)
+        if len(record["data"]) > max_file:  # a reader that does not bound itself
+            raise storage.FileTooLarge(candidate.uri, max_file)
+    except storage.NotAFile as e:
+        return False, dead_letter(record, "ReadImages", NOT_A_FILE, str(e))
+    except storage.FileTooLarge:
+        return False, dead_letter(
+            record, "ReadImages", FILE_TOO_LARGE, f"more than {max_file} bytes, {too_large}"
+        )
+    except Exception as e:  # any read error (missing, permission denied, ...): this file's
+        # problem, after the client's own retries, not the run's
+        return False, dead_letter(record, "ReadImages", "unreadable", f"{type(e).__name__}: {e}")
+    return True, record
+
+
+class ReadAndCheck(beam.PTransform):
+    """Candidates (``sources.Candidate``) -> what ``check`` makes of each one's bytes, plus a
+    ``dead_letter`` output.
 
     Reads each candidate's bytes with ``read`` (the pipeline passes the storage edge's reader,
-    bounded to ``max_file`` bytes; the transform itself does no I/O of its own; a file over
-    ``max_file`` is a ``file_too_large`` dead letter, unread when the listing knew its size)
-    and decodes them with :func:`decode_record` (at most ``max_decoded`` bytes of pixels), in
-    batches of :data:`READ_BATCH` on ``threads`` threads per worker (0: one per usable CPU).
-    The batches are redistributed first (a listing is read as one bundle; this spreads the
-    work over every worker), as batches: one shuffled element per 32 candidates.
+    bounded to ``max_file`` bytes; the transform itself does no I/O of its own;
+    :func:`read_candidate` says what becomes a dead letter) and hands the record to ``check``
+    (``(True, output)`` or ``(False, dead letter)``, pure and thread-safe), in batches of
+    :data:`READ_BATCH` on ``threads`` threads per worker (0: one per usable CPU). The batches
+    are redistributed first (a listing is read as one bundle; this spreads the work over every
+    worker), as batches: one shuffled element per 32 candidates. ``step`` names the counters.
 
     Returns a ``DoOutputsTuple``: ``result.examples`` and ``result.dead_letter``.
     """
+
+    def __init__(
+        self,
+        read: Callable[[str], bytes],
+        check: Callable[[dict[str, Any]], tuple[bool, Any]],
+        threads: int = 0,
+        max_file: int = DEFAULT_MAX_FILE_BYTES,
+        step: str = "DecodeAndValidate",
+    ):
+        super().__init__()
+        self._fn = _ReadAndDecodeFn(read, check, threads, max_file, step)
+
+    def expand(self, candidates):
+        return (
+            candidates
+            | "Batch" >> beam.BatchElements(min_batch_size=READ_BATCH, max_batch_size=READ_BATCH)
+            | "Distribute" >> beam.Reshuffle()
+            | "Decode" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main="examples")
+        )
+
+
+class ReadAndDecode(ReadAndCheck):
+    """Candidates -> examples (:func:`decode_record`: decoded, validated, resized and
+    re-encoded at ``size``, at most ``max_decoded`` bytes of pixels), plus a ``dead_letter``
+    output; see :class:`ReadAndCheck`."""
 
     def __init__(
         self,
@@ -254,16 +286,10 @@ class ReadAndDecode(beam.PTransform):
         max_file: int = DEFAULT_MAX_FILE_BYTES,
         max_decoded: int = images.DEFAULT_MAX_DECODED_BYTES,
     ):
-        super().__init__()
-        self._fn = _ReadAndDecodeFn(read, size, min_size, quality, threads, max_file, max_decoded)
-
-    def expand(self, candidates):
-        return (
-            candidates
-            | "Batch" >> beam.BatchElements(min_batch_size=READ_BATCH, max_batch_size=READ_BATCH)
-            | "Distribute" >> beam.Reshuffle()
-            | "Decode" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main="examples")
+        decode = functools.partial(
+            decode_record, size=size, min_size=min_size, quality=quality, max_decoded=max_decoded
         )
+        super().__init__(read, decode, threads, max_file)
 
 
 class AssignSplits(beam.PTransform):
