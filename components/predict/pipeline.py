@@ -99,7 +99,7 @@ def _one(signature: Any, data: bytes, model_id: str | None) -> PredictionResult:
 def _reason(message: str) -> str:
     """TensorFlow's own words on a failed decode (``jpeg::Uncompress failed. Invalid JPEG
     data or crop window.``), without its graph-execution frame and node names."""
-    frame = ("Graph execution error", "Detected at node", "[[", "Traceback", "File ")
+    frame = ("Graph execution error", "Detected at node", "<stack traces", "[[", "Traceback", "File ")
     lines = [line.strip() for line in message.splitlines()]
     said = [line for line in lines if line and not line.startswith(frame)]
     return (said[0] if said else lines[0])[:500]
