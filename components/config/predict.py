@@ -97,8 +97,9 @@ class PredictConfig:
     )
     num_shards: int = option(0, help="prediction files; 0 = the runner decides")
     max_bad_fraction: float = option(
-        1.0,
-        help="exit 1 (outputs still written) when more of the inputs than this are dead letters; 1 = never",
+        0.1,
+        help="exit 1 (the outputs are still published) when more of the inputs than this are dead "
+        "letters; 1 = never",
     )
 
 
