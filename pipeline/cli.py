@@ -7,16 +7,14 @@ overrides; the configuration is loaded and validated before any work starts.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from components.core.errors import ConfigError, FinetuneError
+from pipeline import quiet
 
 if TYPE_CHECKING:
     from components.config import Config
@@ -149,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run_parser.add_argument("--force", action="store_true", help="re-run every stage, changed or not")
-    _add_predict(sub, common)
+    from pipeline import predict_cli
+
+    predict_cli.add_parser(sub, common)
     from pipeline import registry_cli
 
     registry_cli.add_parser(sub)
@@ -169,57 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the Markdown reference of every key (type, default, meaning) instead",
     )
     return parser
-
-
-PREDICT_EPILOG = """\
-examples:
-  finetune predict --model registry://beans@production --input new_images/ --output predictions/ \\
-      --set registry.uri=registry
-  finetune predict --model registry://beans/3 --input gs://bucket/uploads.csv --output gs://bucket/out \\
-      --config my.yaml --set predict.format=parquet
-  finetune predict --model runs/beans/export/saved_model --input new_images/ --output predictions/
-
-outputs, under --output (replaced whole once the run has finished):
-  predictions-SSSSS-of-NNNNN.jsonl   {uri, class_name, class_id, probability, top_k, model}
-  dead_letter.jsonl                  {uri, stage, reason, detail} for each image not classified
-  summary.json                       counts per class and reason, images/s, the model resolved
-"""
-
-
-def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    predict = sub.add_parser(
-        "predict",
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="classify a folder, bucket or manifest of images with a registry model (Beam RunInference)",
-        description=(
-            "Classify every image of --input (a folder or gs:// prefix, recursively, or a CSV/JSONL "
-            "manifest) with --model, as a Beam pipeline (predict.runner: the local runner, Dataflow, "
-            "Flink, Spark) using Beam's RunInference and the SavedModel's own serving_default "
-            "signature, so each prediction is what TF Serving would answer. A registry alias is "
-            "resolved once, at the start, and the version it named is used throughout. Images "
-            "preprocessing would refuse (unreadable, not an image, too large, ...) and images the "
-            "model cannot decode go to dead_letter.jsonl with their reason. No run_dir or "
-            "data.source is needed."
-        ),
-        epilog=PREDICT_EPILOG,
-    )
-    predict.add_argument(
-        "--model",
-        metavar="REF",
-        help="registry://NAME@ALIAS, registry://NAME/VERSION (in registry.uri), or a SavedModel "
-        "folder or gs:// URI (predict.model)",
-    )
-    predict.add_argument(
-        "--input", metavar="SOURCE", help="folder, gs:// prefix or .csv/.jsonl manifest (predict.input)"
-    )
-    predict.add_argument("--output", metavar="URI", help="output folder or gs:// prefix (predict.output)")
-
-
-def _predict_overrides(args: argparse.Namespace) -> list[str]:
-    """The command's flags as ``--set`` overrides, after the user's own (the flags win)."""
-    flags = (("model", args.model), ("input", args.input), ("output", args.output))
-    return [*args.overrides, *(f"predict.{key}={json.dumps(value)}" for key, value in flags if value)]
 
 
 RENDER_EPILOG = """\
@@ -304,78 +253,10 @@ def not_instance_dicts_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(NOTICES)
 
 
-# What TensorFlow writes to stderr while it loads that asks nothing of a user (issue #18).
-# Two copies of its C++ logging (libtensorflow_framework.so.2's and the profiler plugin's)
-# write these lines as the libraries load, before TF_CPP_MIN_LOG_LEVEL is applied; Abseil's
-# logging reads no variable, so only the stderr of the import itself can hold them back.
-STARTUP_NOISE = (
-    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
-    "] oneDNN custom operations are on.",
-    "] Could not find cuda drivers on your machine, GPU will not be used.",
-)
-NO_CUDA_DRIVER = "] Could not find cuda drivers on your machine"
-CUINIT_FAILED = "] failed call to cuInit:"
 # The commands that import TensorFlow in this process (the stages, and `run` for them); they
 # import it up front, after the configuration is valid (a `run` whose stages are all skipped
 # pays the ~3 s too).
 TENSORFLOW_COMMANDS = frozenset({"run", "preprocess", "train", "evaluate", "push", "predict"})
-
-
-def without_startup_noise(text: str) -> str:
-    """``text``, what TensorFlow wrote to stderr while it loaded, less its start-up noise: the
-    lines of STARTUP_NOISE, and the failed cuInit (an ERROR) of a machine that has no CUDA
-    driver at all, which TensorFlow said just before. Where a driver is installed a failed
-    cuInit is a fault, and it stays; so does every other line."""
-    lines = text.splitlines(keepends=True)
-    no_driver = any(NO_CUDA_DRIVER in line for line in lines)
-    return "".join(
-        line
-        for line in lines
-        if not any(noise in line for noise in STARTUP_NOISE) and not (no_driver and CUINIT_FAILED in line)
-    )
-
-
-def quiet_startup(environ: dict[str, str] | None = None) -> bool:
-    """Whether TensorFlow's start-up noise is held back: unless the C++ log level in force
-    (TF_CPP_MIN_LOG_LEVEL: the user's, else 0 with -v and 2 without, see ``_setup_logging``)
-    shows INFO."""
-    environ = os.environ if environ is None else environ
-    return environ.get("TF_CPP_MIN_LOG_LEVEL", "0").strip() not in ("", "0")
-
-
-@contextlib.contextmanager
-def startup_noise_held_back() -> Iterator[None]:
-    """Holds the process's stderr (fd 2, where C++ writes) in a temporary file while the body
-    runs, then writes what came there to stderr less :func:`without_startup_noise`'s lines;
-    also when the body raises, so a failed import's own lines are shown.
-
-    A temporary file rather than a pipe: nothing blocks however much is written, and no reader
-    thread can fall behind. A process killed inside the body (a crash while TensorFlow loads)
-    takes what was held with it; -v holds nothing back."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as held:
-            os.dup2(held.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                held.seek(0)
-                sys.stderr.write(without_startup_noise(held.read().decode(errors="replace")))
-                sys.stderr.flush()
-    finally:
-        os.close(saved)
-
-
-def import_tensorflow_quietly() -> None:
-    """Imports TensorFlow and lists its devices (which starts CUDA, or fails to) with its
-    start-up noise held back. A no-op but for the device list once TensorFlow is imported."""
-    with startup_noise_held_back():
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()
 
 
 # Commands that train or preprocess in this process. TensorFlow turns on oneDNN's CPU kernels
@@ -415,7 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(reference())
             return 0
         if args.command == "predict":
-            config = load_config(args.config, _predict_overrides(args), training=False)
+            from pipeline import predict_cli
+
+            config = load_config(args.config, predict_cli.overrides(args), training=False)
         else:
             config = load_config(args.config, args.overrides)
         if args.command == "config":
@@ -425,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _render(config, args)
         if args.command in cluster_cli.WITH_CONFIG:
             return cluster_cli.with_config(config, args)
-        if args.command in TENSORFLOW_COMMANDS and quiet_startup():
-            import_tensorflow_quietly()
+        if args.command in TENSORFLOW_COMMANDS and quiet.quiet_startup():
+            quiet.import_tensorflow_quietly()
         if args.command == "predict":
             from components.predict import stage as predict_stage
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import cli
+from pipeline import cli, quiet
 
 FINETUNE = [sys.executable, "-m", "pipeline.cli"]
 # One marker per kind of line a default run must not show.
@@ -28,24 +28,24 @@ E0000 00:00:1.8    245 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUD
 
 def test_startup_noise_goes_and_every_other_line_stays():
     assert (
-        cli.without_startup_noise(IMPORT_STDERR) == "W0000 00:00:1.7    245 some_op.cc:12] a real warning\n"
+        quiet.without_startup_noise(IMPORT_STDERR) == "W0000 00:00:1.7    245 some_op.cc:12] a real warning\n"
     )
 
 
 def test_a_failed_cuinit_stays_where_a_cuda_driver_is_installed():
     with_driver = "".join(line for line in IMPORT_STDERR.splitlines(True) if "cudart_stub" not in line)
-    assert "failed call to cuInit" in cli.without_startup_noise(with_driver)
+    assert "failed call to cuInit" in quiet.without_startup_noise(with_driver)
 
 
 def test_the_log_level_in_force_decides_and_the_users_wins():
-    assert cli.quiet_startup({"TF_CPP_MIN_LOG_LEVEL": "2"})  # the default without -v
-    assert not cli.quiet_startup({"TF_CPP_MIN_LOG_LEVEL": "0"})  # -v, or the user asks for INFO
-    assert cli.quiet_startup({"TF_CPP_MIN_LOG_LEVEL": "3"})  # the user's, even with -v
+    assert quiet.quiet_startup({"TF_CPP_MIN_LOG_LEVEL": "2"})  # the default without -v
+    assert not quiet.quiet_startup({"TF_CPP_MIN_LOG_LEVEL": "0"})  # -v, or the user asks for INFO
+    assert quiet.quiet_startup({"TF_CPP_MIN_LOG_LEVEL": "3"})  # the user's, even with -v
 
 
 def test_held_back_stderr_still_shows_errors_when_the_body_fails(capfd):
     with pytest.raises(ImportError, match="no such library"):
-        with cli.startup_noise_held_back():
+        with quiet.startup_noise_held_back():
             os.write(2, IMPORT_STDERR.encode())
             print("Traceback: the import failed", file=sys.stderr)
             raise ImportError("no such library")
