@@ -464,9 +464,11 @@ def test_the_driver_job_is_retried_only_when_it_crashed():
         assert rule == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}
 
 
-def test_every_manifest_sent_is_the_rendered_one():
-    """The typed calls take the client's models: each rendered manifest survives the trip."""
-    config = load_config(CLUSTER_CONFIG)
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_every_manifest_sent_is_the_rendered_one(gpus):
+    """The typed calls take the client's models: each rendered manifest survives the trip (a
+    GPU count too: the models take quantities only as strings)."""
+    config = load_config(CLUSTER_CONFIG, [f"cluster.gpus_per_worker={gpus}"])
     for file in render.manifest_files(config, "0 2 * * *"):
         for doc in file.documents:
             assert SERIALIZE(to_model(doc)) == doc, f"{file.name}: {doc['kind']}"

@@ -325,7 +325,7 @@ def test_gpus_and_node_selectors_come_from_the_configuration():
     assert gpu["nodeSelector"] == {"pool": "train", "cloud.google.com/gke-accelerator": "nvidia-l4"}
     assert gpu["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     (container,) = gpu["containers"]
-    assert container["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": 2}
+    assert container["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": "2"}
     assert container["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
     assert container["image"] == gpu_config.cluster.gpu_image
     evaluate = jobs.evaluate_job(gpu_config)["spec"]["template"]["spec"]

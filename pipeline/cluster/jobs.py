@@ -1,4 +1,6 @@
-"""The run's Jobs and CronJob (see ``pipeline.cluster.manifests`` for the design).
+"""The run's Jobs and CronJob (see ``pipeline.cluster.manifests`` for the design), and the
+pieces every Job is built from (:func:`stage_container`, :func:`pod_spec`, :func:`stage_job`),
+which the predict Job (``pipeline.cluster.predict_jobs``) shares.
 
 Every container runs ``finetune <stage> --config /etc/finetune/config.yaml`` (``command``
 plus ``args`` is the whole argv), as the image's non-root user, on a read-only root file
@@ -39,6 +41,7 @@ from pipeline.cluster.manifests import (
 # (cluster.stage_timeout_seconds), should the Job controller not have ended it by then.
 DEADLINE_GRACE_SECONDS = 600
 POD_NAMESPACE = {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 LOCKED_DOWN = {
     "allowPrivilegeEscalation": False,
     "readOnlyRootFilesystem": True,
@@ -69,24 +72,35 @@ def stage_container(config: Config, name: str, args: list[str], **extra: Any) ->
     return container | {"volumeMounts": mounts, "securityContext": LOCKED_DOWN}
 
 
-def _stage_args(stage: str) -> list[str]:
+def stage_args(stage: str) -> list[str]:
     return [stage, "--config", CONFIG_PATH]
 
 
-def _resources(config: Config, gpus: int = 0) -> Manifest:
+def resources(config: Config, gpus: int = 0) -> Manifest:
+    """A stage container's requests and limits: ``cluster.cpu`` and ``cluster.memory``, and
+    ``gpus`` GPUs. Quantities are strings: the client's models refuse a number (an ``int`` GPU
+    count made creating a GPU Job fail before anything was sent)."""
     c = config.cluster
-    limits: dict[str, Any] = {"memory": c.memory} | ({GPU_RESOURCE: gpus} if gpus else {})
+    limits: dict[str, Any] = {"memory": c.memory} | ({GPU_RESOURCE: str(gpus)} if gpus else {})
     return {"requests": {"cpu": c.cpu, "memory": c.memory}, "limits": limits}
 
 
-def pod_spec(config: Config, account: str, containers: list[Manifest], **extra: Any) -> Manifest:
-    """A pod that runs once (``restartPolicy: Never``: the Job decides about retries).
+def pod_spec(
+    config: Config,
+    account: str,
+    containers: list[Manifest],
+    *,
+    config_map: str | None = None,
+    **extra: Any,
+) -> Manifest:
+    """A pod that runs once (``restartPolicy: Never``: the Job decides about retries), with
+    the ConfigMap ``config_map`` (default: the run's, ``<name>-config``) at :data:`CONFIG_DIR`.
 
     Stage pods never call the Kubernetes API, so they get no API token, unless Workload
     Identity is on: GKE's metadata server exchanges the pod's service-account token for
     Google credentials, and pods without it cannot reach the bucket."""
     volumes: list[Manifest] = [
-        {"name": "config", "configMap": {"name": resource_name(config, "config")}},
+        {"name": "config", "configMap": {"name": config_map or resource_name(config, "config")}},
         {"name": "scratch", "emptyDir": {}},
     ]
     if config.cluster.credentials_secret:
@@ -107,8 +121,9 @@ def pod_spec(config: Config, account: str, containers: list[Manifest], **extra: 
     return spec | extra | {"containers": containers, "volumes": volumes}
 
 
-def _job(config: Config, stage: str, pod: Manifest, **spec: Any) -> Manifest:
-    """A Job of ``pod`` named after ``stage``, failed by Kubernetes once it has been active for
+def stage_job(config: Config, stage: str, pod: Manifest, *, name: str | None = None, **spec: Any) -> Manifest:
+    """A Job of ``pod`` named after ``stage`` (or ``name``), labelled with ``stage`` as its
+    component, failed by Kubernetes once it has been active for
     ``cluster.stage_timeout_seconds`` (``DeadlineExceeded``: the driver stops the run and says
     so); ``spec`` keys override the defaults."""
     c = config.cluster
@@ -121,19 +136,19 @@ def _job(config: Config, stage: str, pod: Manifest, **spec: Any) -> Manifest:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": object_metadata(config, resource_name(config, stage), stage),
+        "metadata": object_metadata(config, name or resource_name(config, stage), stage),
         "spec": spec,
     }
 
 
-def _fail_on_exit(*codes: int, container: str | None = None) -> Manifest:
+def fail_on_exit(*codes: int, container: str | None = None) -> Manifest:
     """A podFailurePolicy rule that fails the Job at once when a container exits with one of
     ``codes`` (2: a bad configuration, which a retry cannot fix); ``container`` None: any."""
     exits: Manifest = {"containerName": container} if container else {}
     return {"action": "FailJob", "onExitCodes": exits | {"operator": "In", "values": list(codes)}}
 
 
-def _node_selector(config: Config, gpus: int = 0) -> Manifest:
+def node_selector(config: Config, gpus: int = 0) -> Manifest:
     selector = dict(config.cluster.node_selector) | (dict(config.cluster.gpu_node_selector) if gpus else {})
     return {"nodeSelector": selector} if selector else {}
 
@@ -141,9 +156,9 @@ def _node_selector(config: Config, gpus: int = 0) -> Manifest:
 def preprocess_job(config: Config) -> Manifest:
     """``finetune preprocess``: Beam's local runner in the pod, or a submission to Dataflow or
     Flink. A retry is safe: the stage publishes its outputs atomically."""
-    container = stage_container(config, "preprocess", _stage_args("preprocess"), resources=_resources(config))
-    pod = pod_spec(config, "stage", [container], **_node_selector(config))
-    return _job(config, "preprocess", pod, podFailurePolicy={"rules": [_fail_on_exit(BAD_CONFIG_EXIT)]})
+    container = stage_container(config, "preprocess", stage_args("preprocess"), resources=resources(config))
+    pod = pod_spec(config, "stage", [container], **node_selector(config))
+    return stage_job(config, "preprocess", pod, podFailurePolicy={"rules": [fail_on_exit(BAD_CONFIG_EXIT)]})
 
 
 def train_job(config: Config) -> Manifest:
@@ -154,15 +169,15 @@ def train_job(config: Config) -> Manifest:
     container = stage_container(
         config,
         "train",
-        _stage_args("train"),
+        stage_args("train"),
         env=env,
         ports=[{"name": "grpc", "containerPort": WORKER_PORT}],
-        resources=_resources(config, gpus),
+        resources=resources(config, gpus),
     )
-    extra: Manifest = {"subdomain": resource_name(config, "train")} | _node_selector(config, gpus)
+    extra: Manifest = {"subdomain": resource_name(config, "train")} | node_selector(config, gpus)
     if gpus:
-        extra["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-    return _job(
+        extra["tolerations"] = [GPU_TOLERATION]
+    return stage_job(
         config,
         "train",
         pod_spec(config, "stage", [container], **extra),
@@ -170,22 +185,22 @@ def train_job(config: Config) -> Manifest:
         completionMode="Indexed",
         completions=n,
         parallelism=n,
-        podFailurePolicy={"rules": [_fail_on_exit(BAD_CONFIG_EXIT, container="train")]},
+        podFailurePolicy={"rules": [fail_on_exit(BAD_CONFIG_EXIT, container="train")]},
     )
 
 
 def evaluate_job(config: Config) -> Manifest:
     """``finetune evaluate`` (gate and export) as an init container, then ``finetune push``
     when ``registry.uri`` is set; without it, evaluate is the only container."""
-    resources = _resources(config)
-    evaluate = stage_container(config, "evaluate", _stage_args("evaluate"), resources=resources)
-    policy = {"podFailurePolicy": {"rules": [_fail_on_exit(BAD_CONFIG_EXIT)]}}
+    requests = resources(config)
+    evaluate = stage_container(config, "evaluate", stage_args("evaluate"), resources=requests)
+    policy = {"podFailurePolicy": {"rules": [fail_on_exit(BAD_CONFIG_EXIT)]}}
     if not config.registry.uri:
-        pod = pod_spec(config, "stage", [evaluate], **_node_selector(config))
-        return _job(config, "evaluate", pod, **policy)
-    push = stage_container(config, "push", _stage_args("push"), resources=resources)
-    pod = pod_spec(config, "stage", [push], initContainers=[evaluate], **_node_selector(config))
-    return _job(config, "evaluate", pod, **policy)
+        pod = pod_spec(config, "stage", [evaluate], **node_selector(config))
+        return stage_job(config, "evaluate", pod, **policy)
+    push = stage_container(config, "push", stage_args("push"), resources=requests)
+    pod = pod_spec(config, "stage", [push], initContainers=[evaluate], **node_selector(config))
+    return stage_job(config, "evaluate", pod, **policy)
 
 
 def driver_job(config: Config, scheduled: bool = False) -> Manifest:
@@ -200,11 +215,11 @@ def driver_job(config: Config, scheduled: bool = False) -> Manifest:
     args = list(DRIVER_ARGS) + ([IF_NEW_DATA] if scheduled else [])
     container = stage_container(config, "driver", args, env=[POD_NAMESPACE], resources=DRIVER_RESOURCES)
     rules = [
-        _fail_on_exit(STAGE_FAILED_EXIT, BAD_CONFIG_EXIT, container="driver"),
+        fail_on_exit(STAGE_FAILED_EXIT, BAD_CONFIG_EXIT, container="driver"),
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]
     pod = pod_spec(config, "driver", [container])
-    return _job(
+    return stage_job(
         config,
         "driver",
         pod,
