@@ -178,13 +178,17 @@ examples:
   finetune render --config my.yaml --out manifests/ && kubectl apply -k manifests/
   finetune render --config my.yaml --schedule '0 2 * * *'   # also the nightly CronJob
   finetune render --config configs/beans-cluster.yaml --schedule '0 2 * * *' --kustomize k8s
+  finetune render --predict --config my.yaml --model registry://beans@production \
+      --input gs://BUCKET/uploads/ --output gs://BUCKET/predictions/today   # a predict Job
 """
 
 
 def _add_render(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from pipeline import cluster_cli
+
     render = sub.add_parser(
         "render",
-        parents=[common],
+        parents=[common, cluster_cli.predict_flags()],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="print or write the Kubernetes manifests of a run (a dry run; no cluster needed)",
         description=(
@@ -195,7 +199,11 @@ def _add_render(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
             "Prints one multi-document YAML stream; --out writes one file per part and a "
             "kustomization.yaml; --kustomize writes base/ and overlays/cpu, overlays/gpu (the "
             "configuration with cluster.gpus_per_worker 0, and at least 1). run_dir, data.source "
-            "and registry.uri must be gs:// URIs and cluster.image must be set."
+            "and registry.uri must be gs:// URIs and cluster.image must be set. With --predict: a "
+            "predict Job's manifests instead (the stages' service account, the Job <name>-predict "
+            "and its ConfigMap, with --schedule the CronJob <name>-predict-schedule and its own); "
+            "predict.model, input and output must be on gs://, run_dir and data.source are not "
+            "needed; --out works, --kustomize does not."
         ),
         epilog=RENDER_EPILOG,
     )
@@ -214,12 +222,20 @@ def _add_render(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 def _render(config: Config, args: argparse.Namespace) -> int:
     from pipeline.cluster import render
 
-    if args.out or args.kustomize:
-        write = render.write_files if args.out else render.write_kustomize
-        for path in write(config, args.out or args.kustomize, args.schedule):
+    if args.predict and args.kustomize:
+        raise ConfigError(
+            "--kustomize writes the run's base and CPU/GPU overlays (k8s/), not a predict Job; "
+            "with --predict use --out DIR (then `kubectl apply -k DIR`) or no flag (YAML to stdout)"
+        )
+    if args.out:
+        for path in render.write_files(config, args.out, args.schedule, args.predict):
             print(f"wrote {path}")
         return 0
-    sys.stdout.write(render.render_text(config, args.schedule))
+    if args.kustomize:
+        for path in render.write_kustomize(config, args.kustomize, args.schedule):
+            print(f"wrote {path}")
+        return 0
+    sys.stdout.write(render.render_text(config, args.schedule, args.predict))
     return 0
 
 
@@ -295,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config" and args.reference:
             sys.stdout.write(reference())
             return 0
-        if args.command == "predict":
+        if args.command == "predict" or cluster_cli.predicts(args):  # also render|submit|schedule --predict
             from pipeline import predict_cli
 
             config = load_config(args.config, predict_cli.overrides(args), training=False)

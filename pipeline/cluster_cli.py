@@ -2,8 +2,10 @@
 
 ``submit`` and ``schedule`` create what ``finetune render`` marks as applied (configuration,
 accounts, Role, Service) plus the driver Job or the CronJob; the driver Job then runs
-``finetune drive`` in the cluster (:mod:`pipeline.cluster.driver`). ``status`` and ``logs``
-read a run's Jobs and pods by its name. The cluster is reached through
+``finetune drive`` in the cluster (:mod:`pipeline.cluster.driver`). With ``--predict`` they
+create a predict Job or its CronJob instead (:mod:`pipeline.cluster_predict`), and
+``unschedule --predict`` deletes that CronJob. ``status`` and ``logs`` read a run's Jobs
+(its predict Jobs too) and pods by its name. The cluster is reached through
 :mod:`pipeline.cluster.client` (kubeconfig and ``--context`` here, the service account in a
 pod); this module only parses, calls and prints.
 """
@@ -14,24 +16,22 @@ import argparse
 import datetime
 import logging
 import re
-import sys
 import textwrap
-import threading
-import time
 from typing import TYPE_CHECKING
 
 from components.core.errors import ConfigError, FinetuneError
+from pipeline import cluster_logs
 
 if TYPE_CHECKING:
     from components.config import Config
     from pipeline.cluster.client import Cluster
     from pipeline.cluster.render import ManifestFile
-    from pipeline.cluster.views import LogSource
 
 WITH_CONFIG = ("submit", "schedule", "drive")
 BY_NAME = ("status", "logs", "unschedule")
+PREDICT_COMMANDS = ("render", "submit", "schedule")  # take --predict, --model, --input, --output
 DEFAULT_NAMESPACE = "finetune"  # ClusterConfig.namespace's default
-LOG_STAGES = ("driver", "preprocess", "train", "evaluate", "push")
+LOG_STAGES = ("driver", "preprocess", "train", "evaluate", "push", "predict")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -49,9 +49,12 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         "--namespace", "-n", metavar="NS", default=DEFAULT_NAMESPACE, help="namespace (default: %(default)s)"
     )
     named.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
-    p = sub.add_parser("submit", parents=[common, where], formatter_class=_RAW, **_texts("submit"))
+    predict = predict_flags()
+    p = sub.add_parser("submit", parents=[common, where, predict], formatter_class=_RAW, **_texts("submit"))
     p.add_argument(
-        "--wait", action="store_true", help="follow the driver's log; exit 0 on success, 1 on failure"
+        "--wait",
+        action="store_true",
+        help="follow the driver's (the predict Job's) log; exit 0 on success, 1 on failure",
     )
     p = sub.add_parser("status", parents=[named], formatter_class=_RAW, **_texts("status"))
     p.add_argument("run", metavar="RUN", help="the run's name (the configuration's `name`)")
@@ -59,12 +62,17 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("run", metavar="RUN", help="the run's name (the configuration's `name`)")
     p.add_argument("--stage", choices=LOG_STAGES, default="driver", help="whose logs (default: %(default)s)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the containers end")
-    p = sub.add_parser("schedule", parents=[common, where], formatter_class=_RAW, **_texts("schedule"))
+    p = sub.add_parser(
+        "schedule", parents=[common, where, predict], formatter_class=_RAW, **_texts("schedule")
+    )
     p.add_argument(
         "--cron", required=True, metavar="CRON", help="five-field cron schedule in UTC, e.g. '0 2 * * *'"
     )
     p = sub.add_parser("unschedule", parents=[named], formatter_class=_RAW, **_texts("unschedule"))
     p.add_argument("run", metavar="NAME", help="the run's name: its CronJob is NAME-schedule")
+    p.add_argument(
+        "--predict", action="store_true", help="delete the predict CronJob NAME-predict-schedule instead"
+    )
     p = sub.add_parser("drive", parents=[common], formatter_class=_RAW, **_texts("drive"))
     p.add_argument(
         "--if-new-data",
@@ -72,6 +80,38 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         help="end at once ('no new data', exit 0) when the input data equals the last successful run's",
     )
     p.add_argument("--context", metavar="CTX", help="kubeconfig context, to drive from outside the cluster")
+
+
+def predict_flags() -> argparse.ArgumentParser:
+    """``--predict`` and the predict section's flags, for ``render``, ``submit`` and ``schedule``."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("batch prediction (finetune predict as a Job)")
+    group.add_argument(
+        "--predict", action="store_true", help="a predict Job (or its CronJob) instead of the run"
+    )
+    group.add_argument("--model", metavar="REF", help="predict.model: registry://NAME@ALIAS, ... or gs://")
+    group.add_argument("--input", metavar="SOURCE", help="predict.input: a gs:// prefix or manifest")
+    group.add_argument("--output", metavar="URI", help="predict.output: a gs:// prefix")
+    return parent
+
+
+def predicts(args: argparse.Namespace) -> bool:
+    """Whether ``args`` ask for a predict Job (``--predict`` of render, submit or schedule): its
+    configuration is loaded as ``finetune predict``'s (``--model``, ``--input`` and ``--output``
+    as overrides, no ``run_dir`` or ``data.source`` needed).
+
+    Raises:
+        ConfigError: --model, --input or --output without --predict.
+    """
+    if args.command not in PREDICT_COMMANDS:
+        return False
+    flags = (("--model", args.model), ("--input", args.input), ("--output", args.output))
+    given = [flag for flag, value in flags if value]
+    if given and not args.predict:
+        raise ConfigError(
+            f"{', '.join(given)}: only with --predict (the predict Job's settings); add --predict"
+        )
+    return bool(args.predict)
 
 
 def _texts(command: str) -> dict[str, str]:
@@ -91,26 +131,35 @@ _HELP = {
         "training Service, and the driver Job, which runs the stages as Jobs and writes "
         "<run_dir>/run.json. An earlier driver Job of the run is deleted first; a run still going "
         "is refused. Prints the run's name; --wait follows the driver's log and exits with the "
-        "run's outcome (0 succeeded, 1 failed).",
+        "run's outcome (0 succeeded, 1 failed). With --predict: a predict Job instead, `finetune "
+        "predict` in one stage pod (predict.model, input and output, or --model, --input, --output, "
+        "on gs://), named <name>-predict-XXXXX anew each time with a ConfigMap of its own, removed "
+        "with the Job; run_dir and data.source are not needed. A predict Job of the run still "
+        "writing the same output is refused.",
         "  finetune submit --config configs/beans-cluster.yaml\n"
         "  finetune submit --config my.yaml --context gke_proj_europe-west4_ml --namespace ml --wait\n"
-        "  finetune submit --config my.yaml --set cluster.workers=4 --set cluster.gpus_per_worker=1\n",
+        "  finetune submit --config my.yaml --set cluster.workers=4 --set cluster.gpus_per_worker=1\n"
+        "  finetune submit --predict --config configs/beans-cluster.yaml \\\n"
+        "      --model registry://beans@production --input gs://BUCKET/uploads/ \\\n"
+        "      --output gs://BUCKET/predictions/today --wait\n",
     ),
     "status": (
-        "a run's Jobs on Kubernetes: driver and stages, status, start, duration; its schedule",
+        "a run's Jobs on Kubernetes: driver, stages and predict Jobs, status, start, duration; schedules",
         "One line per Job of the run (the drivers, manual and scheduled, then preprocess, train, "
-        "evaluate): active, succeeded or failed (with the reason), when it started and how long it "
-        "ran; then the run's schedule, if any. Exit code 1 when the run has no Jobs and no schedule.",
+        "evaluate, then its predict Jobs with their model, input and output): active, succeeded or "
+        "failed (with the reason), when it started and how long it ran; then the run's schedule and "
+        "its predict schedule, if any. Exit code 1 when the run has no Jobs and no schedule.",
         "  finetune status beans\n  finetune status beans --context staging --namespace ml\n",
     ),
     "logs": (
-        "print (or follow) the logs of a run's driver or of one stage's pods",
-        "The log of the run's newest driver Job (default), or of every pod of one stage's Job: "
+        "print (or follow) the logs of a run's driver, of one stage's pods or of its predict Job",
+        "The log of the run's newest driver Job (default) or newest predict Job (--stage predict), "
+        "or of every pod of one stage's Job: "
         "each line of a training pod is prefixed with its index ([0], [1], ...), and a retried pod "
         "with its try; evaluate shows evaluate's and push's containers. --follow keeps printing "
         "until the containers end.",
         "  finetune logs beans --follow\n  finetune logs beans --stage train\n"
-        "  finetune logs beans --stage evaluate -n ml\n",
+        "  finetune logs beans --stage evaluate -n ml\n  finetune logs beans --stage predict -f\n",
     ),
     "schedule": (
         "create or update the CronJob that starts a run on a cron schedule (UTC)",
@@ -118,15 +167,23 @@ _HELP = {
         "accounts, Role, Service). Each scheduled run ends early with 'no new data' when the input "
         "data's fingerprint equals that of the last successful run; one still going makes the next "
         "skip. The cron expression is checked first: five fields (minute hour day month weekday) or "
-        "@daily, @hourly, ...",
+        "@daily, @hourly, ... With --predict: the CronJob <name>-predict-schedule and its ConfigMap "
+        "instead, a predict Job on schedule (as `submit --predict`; one at a time, each run "
+        "replacing predict.output); the name may have at most 35 characters.",
         "  finetune schedule --config configs/beans-cluster.yaml --cron '0 2 * * *'   # 02:00 UTC\n"
-        "  finetune schedule --config my.yaml --cron '30 1 * * MON-FRI' --context prod\n",
+        "  finetune schedule --config my.yaml --cron '30 1 * * MON-FRI' --context prod\n"
+        "  finetune schedule --predict --config my.yaml --cron '0 6 * * *' \\\n"
+        "      --model registry://beans@production --input gs://BUCKET/uploads/ \\\n"
+        "      --output gs://BUCKET/predictions/latest\n",
     ),
     "unschedule": (
         "delete a run's CronJob: no more scheduled runs (a run already started goes on)",
         "Delete the CronJob NAME-schedule. A run it already started goes on; its Jobs stay until "
-        "cluster.ttl_seconds_after_finished. Exit code 1 when there is no such CronJob.",
-        "  finetune unschedule beans\n  finetune unschedule beans --namespace ml\n",
+        "cluster.ttl_seconds_after_finished. With --predict: the CronJob NAME-predict-schedule, and "
+        "its ConfigMap unless a predict Job it started still runs. Exit code 1 when there is no such "
+        "CronJob.",
+        "  finetune unschedule beans\n  finetune unschedule beans --namespace ml\n"
+        "  finetune unschedule beans --predict\n",
     ),
     "drive": (
         "run the stages as Kubernetes Jobs in order (what the driver Job runs in the cluster)",
@@ -143,8 +200,9 @@ _HELP = {
 
 
 def with_config(config: Config, args: argparse.Namespace) -> int:
-    """Runs ``submit``, ``schedule`` or ``drive`` for ``config``; returns the exit code. What a
-    cluster run needs (an image, gs:// paths, a good schedule) is checked before connecting."""
+    """Runs ``submit``, ``schedule`` or ``drive`` for ``config`` (a predict Job's with
+    ``--predict``); returns the exit code. What a cluster run needs (an image, gs:// paths, a
+    good schedule) is checked before connecting."""
     from pipeline.cluster import cron, render
     from pipeline.cluster.client import connect
     from pipeline.cluster.manifests import check
@@ -156,16 +214,36 @@ def with_config(config: Config, args: argparse.Namespace) -> int:
         check(config)
         driver.drive(config, connect(args.context, config.cluster.namespace), if_new_data=args.if_new_data)
         return 0
-    config = _in_namespace(config, args.namespace)
+    config = _in_namespace(config, args.namespace, training=not args.predict)
     schedule = args.cron.strip() if args.command == "schedule" else None
     problem = cron.check_message(schedule, "--cron") if schedule is not None else None
     if problem:  # before the other checks, naming the flag given
         raise ConfigError(problem)
+    if args.predict:
+        return _predict(config, args, schedule)
     files = render.manifest_files(config, schedule)
     cluster = connect(args.context, config.cluster.namespace)
     if schedule is not None:
         return _schedule(config, schedule, files, cluster)
     return _submit(config, files, cluster, args.wait)
+
+
+def _predict(config: Config, args: argparse.Namespace, schedule: str | None) -> int:
+    """``submit --predict [--wait]`` or ``schedule --predict``, checked before connecting."""
+    from pipeline import cluster_predict
+    from pipeline.cluster import predict_jobs
+    from pipeline.cluster.client import connect
+
+    predict_jobs.check(config, schedule)  # before connecting
+    cluster = connect(args.context, config.cluster.namespace)
+    if schedule is not None:
+        return cluster_predict.schedule(config, schedule, cluster)
+    job = cluster_predict.submit(config, cluster)
+    if not args.wait:
+        name, where = config.name, f"-n {cluster.namespace}"
+        print(f"follow it: finetune status {name} {where}; finetune logs {name} --stage predict -f {where}")
+        return 0
+    return cluster_logs.follow_job(cluster, job, "predict")
 
 
 def by_name(args: argparse.Namespace) -> int:
@@ -182,7 +260,11 @@ def by_name(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(cluster, args.run)
     if args.command == "logs":
-        return _logs(cluster, args.run, args.stage, args.follow)
+        return cluster_logs.print_logs(cluster, args.run, args.stage, args.follow)
+    if args.predict:
+        from pipeline import cluster_predict
+
+        return cluster_predict.unschedule(cluster, args.run)
     name = f"{args.run}-schedule"
     if not cluster.delete("CronJob", name, propagation="Orphan"):
         raise FinetuneError(
@@ -198,11 +280,11 @@ def _quiet(verbose: bool) -> None:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-def _in_namespace(config: Config, namespace: str | None) -> Config:
+def _in_namespace(config: Config, namespace: str | None, training: bool = True) -> Config:
     from components.config import validate
     from pipeline.cluster.manifests import with_cluster
 
-    return validate(with_cluster(config, namespace=namespace)) if namespace else config
+    return validate(with_cluster(config, namespace=namespace), training) if namespace else config
 
 
 def _apply(cluster: Cluster, documents: list[dict]) -> None:
@@ -211,8 +293,10 @@ def _apply(cluster: Cluster, documents: list[dict]) -> None:
 
 
 def _submit(config: Config, files: list[ManifestFile], cluster: Cluster, wait: bool) -> int:
+    from pipeline.cluster.views import is_active, run_selector
+
     documents = [doc for f in files if f.applied for doc in f.documents]
-    busy = [j for j in cluster.list_jobs(_selector(config.name, "driver")) if _active(j)]
+    busy = [j for j in cluster.list_jobs(run_selector(config.name, "driver")) if is_active(j)]
     if busy:
         name = busy[0]["metadata"]["name"]
         raise FinetuneError(
@@ -230,7 +314,7 @@ def _submit(config: Config, files: list[ManifestFile], cluster: Cluster, wait: b
             f"follow it: finetune status {config.name} -n {cluster.namespace}; finetune logs {config.name} -f"
         )
         return 0
-    return _follow_driver(cluster, driver)
+    return cluster_logs.follow_job(cluster, driver, "driver")
 
 
 def _schedule(config: Config, cron_text: str, files: list[ManifestFile], cluster: Cluster) -> int:
@@ -246,129 +330,21 @@ def _schedule(config: Config, cron_text: str, files: list[ManifestFile], cluster
     return 0
 
 
-def _selector(run: str, component: str | None = None) -> str:
-    selector = f"app.kubernetes.io/name=finetune,app.kubernetes.io/instance={run}"
-    return selector + (f",app.kubernetes.io/component={component}" if component else "")
-
-
-def _active(job: dict) -> bool:
-    from pipeline.cluster.views import PENDING, RUNNING, job_state
-
-    return job_state(job).phase in (PENDING, RUNNING)
-
-
 def _status(cluster: Cluster, run: str) -> int:
     from pipeline.cluster.driver import JOB_STAGES
-    from pipeline.cluster.views import status_lines
+    from pipeline.cluster.predict_jobs import SCHEDULE_PART
+    from pipeline.cluster.views import run_selector, status_lines
 
-    jobs = cluster.list_jobs(_selector(run))
+    jobs = cluster.list_jobs(run_selector(run))
     schedule = cluster.read("CronJob", f"{run}-schedule")
-    if not jobs and schedule is None:
+    predict_schedule = cluster.read("CronJob", f"{run}-{SCHEDULE_PART}")
+    if not jobs and schedule is None and predict_schedule is None:
         raise FinetuneError(
             f"run '{run}' has no Jobs and no schedule in namespace {cluster.namespace} ({cluster.where}); "
-            "start it with `finetune submit --config FILE`"
+            "start it with `finetune submit --config FILE` (add --predict for a predict Job)"
         )
     print(f"run {run} in namespace {cluster.namespace}:")
     now = datetime.datetime.now(datetime.UTC)
-    for line in status_lines(run, jobs, schedule, now, tuple(JOB_STAGES)):
+    for line in status_lines(run, jobs, schedule, now, tuple(JOB_STAGES), predict_schedule):
         print(line)
     return 0
-
-
-def _follow_driver(cluster: Cluster, job: str) -> int:
-    """Prints the driver pods' logs as they come (a retried driver's too) until the Job ends;
-    0 when it succeeded, 1 when it failed."""
-    from pipeline.cluster.views import FAILED, SUCCEEDED, describe, job_state, log_sources
-
-    followed: set[str] = set()
-    waiting_said = False
-    while True:
-        found = cluster.read("Job", job)
-        if found is None:
-            raise FinetuneError(f"the driver Job {job} was deleted")
-        state = job_state(found)
-        sources = log_sources(cluster.job_pods(job))
-        if not waiting_said and not any(s.started for s in sources):
-            print(f"waiting for the driver pod of {job} to start ...", flush=True)
-            waiting_said = True
-        for source in sources:
-            if source.started and source.pod not in followed:
-                followed.add(source.pod)
-                for line in cluster.log_lines(source.pod, source.container, follow=True):
-                    print(line, flush=True)
-        if state.phase in (SUCCEEDED, FAILED):
-            print(f"driver Job {job}: {describe(state)}")
-            return 0 if state.phase == SUCCEEDED else 1
-        time.sleep(2)
-
-
-def _logs(cluster: Cluster, run: str, stage: str, follow: bool) -> int:
-    from pipeline.cluster.views import log_sources
-
-    job = (
-        _newest_driver(cluster, run)
-        if stage == "driver"
-        else f"{run}-{'evaluate' if stage == 'push' else stage}"
-    )
-    sources = log_sources(cluster.job_pods(job), "push" if stage == "push" else None)
-    if not sources:
-        raise FinetuneError(
-            f"Job {job} has no pods in namespace {cluster.namespace} (not started, or removed "
-            f"after cluster.ttl_seconds_after_finished); see `finetune status {run}`"
-        )
-    if not follow:
-        for s in sources:
-            lines = cluster.log_lines(s.pod, s.container) if s.started else ["(not started yet)"]
-            for line in lines:
-                print(s.prefix + line)
-        return 0
-    lock = threading.Lock()
-    pods = sorted({s.pod for s in sources}, key=[s.pod for s in sources].index)
-    threads = [
-        threading.Thread(
-            target=_follow_pod, args=(cluster, [s for s in sources if s.pod == p], lock), daemon=True
-        )
-        for p in pods
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return 0
-
-
-def _follow_pod(cluster: Cluster, sources: list[LogSource], lock: threading.Lock) -> None:
-    """Follows a pod's containers in order, each once it has started (init containers first);
-    runs in a thread of its own, so errors are printed, not raised."""
-    from pipeline.cluster.views import log_sources
-
-    try:
-        for source in sources:
-            started = source.started
-            while not started:  # e.g. push, while evaluate (its init container) runs
-                time.sleep(2)
-                pod = cluster.read("Pod", source.pod)
-                if pod is None:
-                    return
-                started = _began(log_sources([pod]), source.container)
-                if not started and (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-                    return  # the pod ended before this container ran
-            for line in cluster.log_lines(source.pod, source.container, follow=True):
-                with lock:
-                    print(source.prefix + line, flush=True)
-    except FinetuneError as e:
-        with lock:
-            print(f"finetune logs: {source.pod}/{source.container}: {e}", file=sys.stderr, flush=True)
-
-
-def _began(sources: list[LogSource], container: str) -> bool:
-    return any(s.started for s in sources if s.container == container)
-
-
-def _newest_driver(cluster: Cluster, run: str) -> str:
-    drivers = cluster.list_jobs(_selector(run, "driver"))
-    if not drivers:
-        raise FinetuneError(
-            f"run '{run}' has no driver Job in namespace {cluster.namespace}; see `finetune status {run}`"
-        )
-    return max(drivers, key=lambda j: j["metadata"].get("creationTimestamp") or "")["metadata"]["name"]

@@ -618,7 +618,11 @@ def test_a_bad_run_name_is_refused_before_connecting(capsys):
         ("status", ["RUN", "finetune status beans"]),
         (
             "logs",
-            ["--stage {driver,preprocess,train,evaluate,push}", "--follow", "finetune logs beans --follow"],
+            [
+                "--stage {driver,preprocess,train,evaluate,push,predict}",
+                "--follow",
+                "finetune logs beans --follow",
+            ],
         ),
         (
             "schedule",

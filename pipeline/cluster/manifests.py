@@ -24,6 +24,8 @@ the resolved configuration from the ConfigMap ``<name>-config`` at :data:`CONFIG
 * ``<name>-evaluate``: ``finetune evaluate`` (an init container), then ``finetune push``
   when ``registry.uri`` is set.
 * ``<name>-schedule`` (CronJob, only with a schedule): creates the driver Job.
+* ``<name>-predict-*`` (Jobs, CronJob and their ConfigMaps): batch prediction, apart from the
+  run (``pipeline.cluster.predict_jobs``).
 
 Credentials come from the cluster, never the image: a Workload Identity annotation on the
 service accounts, or the key Secret ``cluster.credentials_secret`` mounted in every pod.
@@ -56,6 +58,10 @@ STAGE_FAILED_EXIT = 1  # pipeline.cli: the driver stopped the run at a failed st
 DRIVER_RESOURCES = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}
 WORKLOAD_IDENTITY = "iam.gke.io/gcp-service-account"
 GPU_RESOURCE = "nvidia.com/gpu"
+NO_IMAGE = (
+    "cluster.image: required to run on a cluster: the image built from the Dockerfile, "
+    "e.g. europe-docker.pkg.dev/PROJECT/REPO/finetune:0.1.0"
+)
 
 
 def check(config: Config, schedule: str | None = None) -> None:
@@ -65,12 +71,7 @@ def check(config: Config, schedule: str | None = None) -> None:
         ConfigError: listing every problem (no image, local paths the pods cannot read, a
             name too long for the Job names, a bad schedule).
     """
-    problems = []
-    if not config.cluster.image:
-        problems.append(
-            "cluster.image: required to run on a cluster: the image built from the Dockerfile, "
-            "e.g. europe-docker.pkg.dev/PROJECT/REPO/finetune:0.1.0"
-        )
+    problems = [] if config.cluster.image else [NO_IMAGE]
     if len(config.name) > MAX_NAME:
         problems.append(
             f"name: '{config.name}' has {len(config.name)} characters; on a cluster at most {MAX_NAME} "

@@ -4,7 +4,9 @@ A dry run: nothing here talks to a cluster. The manifests are grouped into files
 :class:`ManifestFile` each); the files marked ``applied`` are what ``kubectl apply -k``
 creates (configuration, accounts, the headless Service and the driver Job, which starts
 the run); the stage Jobs are created by the driver and written beside them to read, or to
-run one stage by hand; the CronJob is what ``finetune schedule`` creates.
+run one stage by hand; the CronJob is what ``finetune schedule`` creates. With ``predict``
+(``finetune render --predict``), the files of a predict Job instead
+(:func:`predict_files`, ``pipeline.cluster.predict_jobs``).
 
 :func:`write_kustomize` writes ``base/`` (what does not depend on GPUs) and
 ``overlays/cpu`` and ``overlays/gpu`` (the same configuration with ``cluster.gpus_per_worker``
@@ -22,7 +24,7 @@ from typing import Any
 import yaml
 
 from components.config import Config
-from pipeline.cluster import jobs
+from pipeline.cluster import jobs, predict_jobs
 from pipeline.cluster.manifests import (
     Manifest,
     check,
@@ -107,6 +109,54 @@ def manifest_files(config: Config, schedule: str | None = None) -> list[Manifest
     return files
 
 
+def predict_files(config: Config, schedule: str | None = None) -> list[ManifestFile]:
+    """The manifests of a predict Job (``finetune render --predict``): the namespace, the
+    stages' service account, the Job ``<name>-predict`` with its ConfigMap and, with
+    ``schedule``, the CronJob ``<name>-predict-schedule`` with its own. None of the run's.
+
+    Raises:
+        ConfigError: the configuration cannot run predict on a cluster (see
+            ``predict_jobs.check``).
+    """
+    predict_jobs.check(config, schedule)
+    name = predict_jobs.rendered_name(config)
+    files = [
+        ManifestFile(
+            "namespace.yaml",
+            "The namespace, labelled for the restricted Pod Security Standard: `kubectl apply -f` it once.",
+            (namespace(config),),
+            applied=False,
+        ),
+        ManifestFile(
+            "serviceaccount.yaml",
+            "The stages' service account, which the predict pod runs as (no Kubernetes API rights).",
+            (predict_jobs.service_account(config),),
+            applied=True,
+        ),
+        ManifestFile(
+            "predict.yaml",
+            "A predict Job and its configuration. `finetune submit --predict` creates the same under a "
+            f"new name each time ({name}-XXXXX), its ConfigMap removed with the Job.",
+            (predict_jobs.config_map(config, name), predict_jobs.predict_job(config, name)),
+            applied=True,
+        ),
+    ]
+    if schedule is not None:
+        cron_name = predict_jobs.schedule_name(config)
+        about = (
+            "The CronJob `finetune schedule --predict` creates, with its configuration: a predict Job "
+            "on schedule (UTC)."
+        )
+        documents = (predict_jobs.config_map(config, cron_name), predict_jobs.cron_job(config, schedule))
+        files.append(ManifestFile("predict-schedule.yaml", about, documents, applied=False))
+    return files
+
+
+def files_of(config: Config, schedule: str | None = None, predict: bool = False) -> list[ManifestFile]:
+    """:func:`predict_files` with ``predict``, else :func:`manifest_files`."""
+    return predict_files(config, schedule) if predict else manifest_files(config, schedule)
+
+
 class _Dumper(yaml.SafeDumper):
     """Block style, except short lists of plain values (``args: [train, --config, ...]``);
     multi-line strings (the ConfigMap's config.yaml) as literal blocks; no anchors."""
@@ -140,10 +190,11 @@ def file_text(file: ManifestFile) -> str:
     return f"{HEADER}\n# {file.about}\n" + "---\n".join(dump(doc) for doc in file.documents)
 
 
-def render_text(config: Config, schedule: str | None = None) -> str:
-    """All manifests as one multi-document YAML stream (what ``finetune render`` prints)."""
+def render_text(config: Config, schedule: str | None = None, predict: bool = False) -> str:
+    """All manifests (of a predict Job with ``predict``) as one multi-document YAML stream
+    (what ``finetune render`` prints)."""
     parts = [HEADER + "\n"]
-    for file in manifest_files(config, schedule):
+    for file in files_of(config, schedule, predict):
         parts += [f"---\n# {file.name}: {file.about}\n" + dump(doc) for doc in file.documents[:1]]
         parts += ["---\n" + dump(doc) for doc in file.documents[1:]]
     return "".join(parts)
@@ -171,9 +222,12 @@ def _write_folder(folder: Path, files: list[ManifestFile], bases: list[str]) -> 
     return written
 
 
-def write_files(config: Config, out: str | os.PathLike[str], schedule: str | None = None) -> list[Path]:
-    """Writes every file of the run and a kustomization into ``out`` (``kubectl apply -k out``)."""
-    return _write_folder(Path(out), manifest_files(config, schedule), [])
+def write_files(
+    config: Config, out: str | os.PathLike[str], schedule: str | None = None, predict: bool = False
+) -> list[Path]:
+    """Writes every file of the run (of a predict Job with ``predict``) and a kustomization
+    into ``out`` (``kubectl apply -k out``)."""
+    return _write_folder(Path(out), files_of(config, schedule, predict), [])
 
 
 def write_kustomize(config: Config, out: str | os.PathLike[str], schedule: str | None = None) -> list[Path]:

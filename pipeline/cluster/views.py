@@ -15,6 +15,9 @@ from typing import Any
 PENDING, RUNNING, SUCCEEDED, FAILED = "pending", "running", "succeeded", "failed"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"  # on the pods of an Indexed Job
 COMPONENT_LABEL = "app.kubernetes.io/component"
+PREDICT = "predict"  # the component of predict Jobs (``pipeline.cluster.predict_jobs``)
+# On a predict Job: what it predicts with, from and to (``finetune status``, submit's busy check).
+PREDICT_ANNOTATIONS = {key: f"finetune/predict-{key}" for key in ("model", "input", "output")}
 Obj = Mapping[str, Any]
 
 
@@ -58,6 +61,17 @@ def job_state(job: Obj) -> JobState:
     if "Suspended" in true:
         return JobState(PENDING, "Suspended", true["Suspended"].get("message") or "", **counts)
     return JobState(RUNNING if started else PENDING, started=started, **counts)
+
+
+def is_active(job: Obj) -> bool:
+    """Whether a Job (as the API returns it) has not finished: pending or running."""
+    return job_state(job).phase in (PENDING, RUNNING)
+
+
+def run_selector(run: str, component: str | None = None) -> str:
+    """The label selector of run ``run``'s objects (``manifests.labels``), or of one component's."""
+    selector = f"app.kubernetes.io/name=finetune,app.kubernetes.io/instance={run}"
+    return selector + (f",{COMPONENT_LABEL}={component}" if component else "")
 
 
 def deleted(name: str) -> JobState:
@@ -218,10 +232,17 @@ def _created(obj: Obj) -> str:
 
 
 def status_lines(
-    run: str, jobs: Sequence[Obj], cron: Obj | None, now: datetime.datetime, stages: Sequence[str]
+    run: str,
+    jobs: Sequence[Obj],
+    cron: Obj | None,
+    now: datetime.datetime,
+    stages: Sequence[str],
+    predict_cron: Obj | None = None,
 ) -> list[str]:
     """``finetune status``: a table of the run's driver Jobs (manual and scheduled, oldest
-    first) and its stage Jobs in order (``not created`` when absent), then its schedule."""
+    first) and its stage Jobs in order (``not created`` when absent; left out when the run
+    has only predict Jobs), then its predict Jobs (each with what it predicts), then its
+    schedule and its predict schedule."""
     by_component: dict[str, list[Obj]] = {}
     for job in sorted(jobs, key=_created):
         component = (job["metadata"].get("labels") or {}).get(COMPONENT_LABEL, "")
@@ -229,18 +250,27 @@ def status_lines(
     rows = [("JOB", "STATUS", "START", "DURATION", "DETAIL")]
     for job in by_component.get("driver", []):
         rows.append(_row(job, now))
-    for stage in stages:
+    predicts = by_component.get(PREDICT, [])
+    for stage in stages if set(by_component) - {PREDICT} or not predicts else ():
         found = by_component.get(stage)
         rows += [_row(j, now) for j in found] if found else [(f"{run}-{stage}", "not created", "-", "-", "")]
+    rows += [_row(job, now, _predicted(job)) for job in predicts]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + f"  {r[4]}" for r in rows]
     lines = [line.rstrip() for line in lines]
-    if cron is not None:
-        lines.append(schedule_line(cron))
+    lines += [schedule_line(c) for c in (cron, predict_cron) if c is not None]
     return lines
 
 
-def _row(job: Obj, now: datetime.datetime) -> tuple[str, str, str, str, str]:
+def _predicted(job: Obj) -> str:
+    """``MODEL: INPUT -> OUTPUT`` of a predict Job, from its annotations (``predict_jobs``)."""
+    said = job["metadata"].get("annotations") or {}
+    model, source, output = (said.get(key, "?") for key in PREDICT_ANNOTATIONS.values())
+    return f"{model}: {source} -> {output}"
+
+
+def _row(job: Obj, now: datetime.datetime, about: str = "") -> tuple[str, str, str, str, str]:
+    """A Job's row; ``about`` (what a predict Job predicts) leads its detail."""
     state = job_state(job)
     status = {PENDING: "pending", RUNNING: "active", SUCCEEDED: "succeeded", FAILED: "failed"}[state.phase]
     when = _clock(state.started) or "-"
@@ -248,7 +278,7 @@ def _row(job: Obj, now: datetime.datetime) -> tuple[str, str, str, str, str]:
     detail = describe(state) if state.phase == RUNNING else ""
     if state.phase == FAILED:
         detail = state.reason + (f": {state.message}" if state.message else "")
-    return job["metadata"]["name"], status, when, took, detail
+    return job["metadata"]["name"], status, when, took, "; ".join(d for d in (about, detail) if d)
 
 
 def _clock(value: str | None) -> str:
