@@ -9,7 +9,8 @@ translated from the manifest (``tests.containers``): user 1000, read-only root f
 the rendered ConfigMap at /etc/finetune, an emptyDir at /tmp, dropped capabilities, the pod's
 memory limit, no credentials and no network. The two pods of the training Indexed Job train
 together on a private (internal) podman network, each finding the other by the DNS names in
-its rendered environment.
+its rendered environment. Last, the image renders the predict Job (``finetune render
+--predict``) and its pod classifies the images with the version just pushed, by its alias.
 
 The one departure from the manifests: on a cluster ``run_dir``, ``data.source`` and
 ``registry.uri`` are gs:// URIs, and here they are mounted folders (``/data`` read-only,
@@ -169,11 +170,11 @@ def test_the_image_holds_the_installed_package_and_no_credentials(podman, image)
     assert found["template"] is True and found["credentials"] == []
 
 
-def _render(podman: dict[str, str], image: str) -> dict[str, dict]:
-    """The image's own ``finetune render`` of configs/beans-cluster.yaml; the manifests by
-    kind and name."""
+def _render(podman: dict[str, str], image: str, *flags: str) -> dict[str, dict]:
+    """The image's own ``finetune render`` of configs/beans-cluster.yaml (plus ``flags``); the
+    manifests by kind and name."""
     mount = ["--volume", f"{ROOT / 'configs'}:/configs:ro"]
-    argv = _locked_down(image, "render", "--config", "/configs/beans-cluster.yaml")
+    argv = _locked_down(image, "render", "--config", "/configs/beans-cluster.yaml", *flags)
     argv[2:2] = mount
     for setting in [f"cluster.image={image}", *SETTINGS]:
         argv += ["--set", setting]
@@ -192,6 +193,19 @@ def _mounted_config(config_map: dict) -> dict[str, str]:
         for v in (config["run_dir"], config["data"]["source"], config["registry"]["uri"])
     )
     config["run_dir"], config["data"]["source"] = "/outputs/run", "/data"
+    config["registry"]["uri"] = "/outputs/registry"
+    return {"config.yaml": yaml.safe_dump(config, sort_keys=False)}
+
+
+def _mounted_predict_config(config_map: dict) -> dict[str, str]:
+    """The predict ConfigMap's config.yaml with its gs:// input, output and registry replaced by
+    the mounted folders; every other key as rendered."""
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    predict = config["predict"]
+    assert all(
+        v.startswith("gs://") for v in (predict["input"], predict["output"], config["registry"]["uri"])
+    )
+    predict["input"], predict["output"] = "/data", "/outputs/predictions"
     config["registry"]["uri"] = "/outputs/registry"
     return {"config.yaml": yaml.safe_dump(config, sort_keys=False)}
 
@@ -302,6 +316,28 @@ def test_the_rendered_pods_run_the_pipeline_in_the_image(podman, image, network,
     assert pushed["pushed"] is True and pushed["promoted"], pushed
     version = outputs / "registry" / "beans" / str(pushed["version"])
     assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
+
+    # Batch prediction with the version just pushed, by its alias, as `finetune submit --predict`
+    # runs it: the image renders the predict Job and its ConfigMap, and the pod classifies /data.
+    alias = pushed["promoted"]["alias"]  # registry.promote_to of configs/beans-cluster.yaml
+    flags = ["--predict", "--model", f"registry://beans@{alias}", "--input", "gs://bucket/new"]
+    rendered = _render(podman, image, *flags, "--output", "gs://bucket/predictions")
+    (job,) = [d for key, d in rendered.items() if key.startswith("Job/")]
+    (predict_map,) = [d for key, d in rendered.items() if key.startswith("ConfigMap/")]
+    name = predict_map["metadata"]["name"]
+    predict_pods = Pods(
+        podman, tmp_path / "predict-pods", {name: _mounted_predict_config(predict_map)}, data, outputs
+    )
+    log = predict_pods.run(job)
+    predicted = json.loads((outputs / "predictions" / "summary.json").read_text())
+    assert predicted["predictions"] == images and predicted["dead_letter"]["count"] == 0, log
+    assert predicted["model"]["version"] == pushed["version"] and predicted["model"]["alias"] == alias
+    rows = [
+        json.loads(line)
+        for f in predicted["files"]
+        for line in (outputs / "predictions" / f).read_text().splitlines()
+    ]
+    assert len(rows) == images and {r["model"]["version"] for r in rows} == {pushed["version"]}
 
     if os.geteuid() == 0:  # everything the pods wrote belongs to the pods' user
         owners = {p.stat().st_uid for p in outputs.rglob("*")}

@@ -9,6 +9,7 @@ the same bytes, called directly.
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import os
@@ -22,6 +23,7 @@ from PIL import Image
 
 from components import registry
 from components.config import load_config, parse_model_ref
+from components.config.predict import expand_output
 from components.core import outputs, storage
 from components.core.errors import ConfigError, StageError
 from components.predict import pipeline as graph
@@ -243,10 +245,13 @@ def test_a_manifest_is_confined_to_its_folder(reg, colour_images, tmp_path):
     lines = [json.dumps({"uri": os.path.relpath(p, folder)}) for p in images]
     lines += [json.dumps({"uri": outside}), "{not json", json.dumps({"label": "no uri"})]
     manifest.write_text("\n".join(lines) + "\n")
-    out = str(tmp_path / "out")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    output = str(tmp_path / "{date}")
     summary = stage.run(
-        _config(reg, f"registry://{NAME}/1", str(manifest), out, "predict.max_bad_fraction=1")
+        _config(reg, f"registry://{NAME}/1", str(manifest), output, "predict.max_bad_fraction=1")
     )
+    out = summary["output"]  # {date} filled in, UTC (the day the run started)
+    assert out == str(tmp_path / started)
     assert summary["layout"] == "manifest" and summary["predictions"] == 5
     assert set(_rows(out)) == set(images)
     reasons = sorted(d["reason"] for d in _dead_letters(out).values())
@@ -326,6 +331,14 @@ def test_model_references(text, expected):
 def test_bad_model_references_say_what_is_wrong(text, says):
     with pytest.raises(ValueError, match=says):
         parse_model_ref(text)
+
+
+def test_output_placeholders():
+    now = datetime.datetime(2026, 12, 6, 2, 0, 5, tzinfo=datetime.UTC)
+    assert expand_output("gs://b/p/{date}/run-{time}", now) == "gs://b/p/2026-12-06/run-20261206T020005Z"
+    assert expand_output("out", now) == "out"
+    with pytest.raises(ConfigError, match=r"unknown placeholder \{day\}"):
+        load_config(None, ["predict.output=gs://b/{day}"], training=False)
 
 
 def test_references_that_do_not_resolve_say_where_to_look(reg, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,19 @@ REGISTRY_SCHEME = "registry://"
 OUTPUT_FORMATS = ("jsonl", "parquet")
 # registry://NAME@ALIAS or registry://NAME/VERSION
 _REF_RE = re.compile(r"^registry://(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
+
+
+# Placeholders predict.output may hold, filled in at the start of each run (UTC): a scheduled
+# run then writes next to, not over, the last one's predictions.
+OUTPUT_PLACEHOLDERS = {"date": "%Y-%m-%d", "time": "%Y%m%dT%H%M%SZ"}
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_output(template: str, now: datetime.datetime) -> str:
+    """``predict.output`` with ``{date}`` (``2026-12-06``) and ``{time}``
+    (``20261206T020000Z``) filled in from ``now`` (UTC)."""
+    utc = now.astimezone(datetime.UTC)
+    return _PLACEHOLDER_RE.sub(lambda m: utc.strftime(OUTPUT_PLACEHOLDERS[m[1]]), template)
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,8 @@ class PredictConfig:
     output: str = option(
         "",
         help="required: folder or gs:// prefix for the predictions, dead_letter.jsonl and summary.json "
-        "(replaced whole, once the run has finished)",
+        "(replaced whole, once the run has finished); `{date}` and `{time}` are filled in at the start "
+        "(UTC), e.g. gs://bucket/predictions/{date} for a nightly schedule",
     )
     format: str = option("jsonl", help="`jsonl` or `parquet` (pyarrow) prediction files")
     runner: str = option("DirectRunner", help="any Beam runner, as `preprocess.runner`")
@@ -118,6 +133,12 @@ def check(p: PredictConfig, registry_uri: str) -> list[str]:
                     f"predict.model: {p.model} needs registry.uri (the registry that holds '{ref.name}'); "
                     "set it, e.g. --set registry.uri=gs://bucket/registry"
                 )
+    unknown = sorted(set(_PLACEHOLDER_RE.findall(p.output)) - set(OUTPUT_PLACEHOLDERS))
+    if unknown:
+        problems.append(
+            f"predict.output: unknown placeholder {', '.join('{' + u + '}' for u in unknown)} in "
+            f"'{p.output}'; valid: {{date}} (2026-12-06), {{time}} (20261206T020000Z)"
+        )
     if p.format not in OUTPUT_FORMATS:
         problems.append(
             f"predict.format: '{p.format}'{did_you_mean(p.format, OUTPUT_FORMATS)} "

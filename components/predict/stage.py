@@ -1,14 +1,17 @@
 """The prediction stage's adapter: resolve the model, list the images, run the Beam graph,
 publish the outputs. Runs in the driver process (the laptop, or a Kubernetes Job's pod).
 
-Everything is written into a staging folder beside ``predict.output`` and moved into place
-only once complete: a reader never sees half a run's predictions, and a re-run replaces the
-last one whole (never a folder holding files this stage did not write).
+``{date}`` and ``{time}`` in ``predict.output`` are filled in at the start (the summary and
+config.yaml record the folder written). Everything is written into a staging folder beside it
+and moved into place only once complete: a reader never sees half a run's predictions, and a
+re-run replaces the last one whole (never a folder holding files this stage did not write).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import json
 import os
 import posixpath
@@ -18,7 +21,7 @@ from typing import Any
 import apache_beam as beam
 
 from components.config import Config, to_yaml
-from components.config.predict import missing
+from components.config.predict import expand_output, missing
 from components.core import outputs, scratch, storage
 from components.core.errors import ConfigError, StageError
 from components.predict import model as model_ref
@@ -58,11 +61,13 @@ def run(config: Config) -> dict[str, Any]:
         StageError: more of the inputs than ``predict.max_bad_fraction`` were dead letters
             (the outputs are published all the same).
     """
-    p = config.predict
-    problems = missing(p)
+    problems = missing(config.predict)
     if problems:
         raise ConfigError("finetune predict needs:\n  " + "\n  ".join(problems))
     started = time.time()
+    output = expand_output(config.predict.output, datetime.datetime.now(datetime.UTC))
+    config = dataclasses.replace(config, predict=dataclasses.replace(config.predict, output=output))
+    p = config.predict
     resolved = model_ref.resolve(config)
     where = f"version {resolved.version} of '{resolved.name}'" if resolved.name else resolved.uri
     print(f"[{STAGE}] model {resolved.reference}: {where} ({resolved.fingerprint[:19]})", flush=True)
@@ -149,6 +154,7 @@ def _summary(
         "status": "ok",
         "model": resolved.to_dict(),
         "input": config.predict.input,
+        "output": config.predict.output,
         "layout": layout,
         "inputs": total,
         **counts,
