@@ -27,13 +27,15 @@ examples:
   finetune evaluate --config configs/beans.yaml --set gate.min_improvement=0.02
   finetune push --config configs/beans.yaml --set registry.uri=registry
   finetune run --config configs/beans.yaml   # all stages; unchanged ones are skipped
-  finetune predict --model registry://beans@production --input gs://bucket/uploads/ \
+  finetune predict --model registry://beans@production --input gs://bucket/uploads/ \\
       --output gs://bucket/predictions/today --set registry.uri=gs://bucket/registry
   finetune registry list --registry registry
   finetune render --config configs/beans-cluster.yaml            # Kubernetes manifests (dry run)
   finetune submit --config configs/beans-cluster.yaml --wait     # the run on Kubernetes
   finetune status beans                                          # its Jobs; `finetune logs beans -f`
   finetune schedule --config configs/beans-cluster.yaml --cron '0 2 * * *'   # nightly, new data only
+  finetune submit --predict --config my-cluster.yaml --model registry://beans@production \\
+      --input gs://bucket/uploads --output 'gs://bucket/predictions/{date}'     # predict as a Job
   finetune config --config my.yaml          # print the resolved configuration
 
 Configuration is read in this order: built-in defaults, the YAML file, then --set overrides.
