@@ -248,3 +248,42 @@ def test_export_is_hermetic(beans_run, tmp_path):
     agree = np.mean(got["camera"].argmax(axis=1) == camera_expected.argmax(axis=1))
     assert agree >= 0.9, agree
     assert np.abs(got["camera"] - camera_expected).mean() < 0.05
+
+
+def test_batch_prediction_with_the_production_model_on_the_beans_test_photos(beans_run, tmp_path):
+    """``finetune predict`` with the model this run trained and pushed, by its alias, over the
+    beans test folder's 128 original photos (500x500 JPEGs, resized by the model's own graph):
+    every photo is classified, each row equals the registry version's own ``serving_default``,
+    and the accuracy against the folders' labels is the gate's (which scored the preprocessed
+    224 px copies of the same photos: within 3 points)."""
+    import tensorflow as tf
+
+    from components.predict import stage as predict_stage
+
+    run_dir, _, verdict = beans_run
+    registry_uri = os.path.join(run_dir, "registry")
+    overrides = [
+        f"registry.uri={registry_uri}",
+        "predict.model=registry://beans@production",
+        f"predict.input={os.path.join(BEANS, 'test')}",
+        f"predict.output={tmp_path / 'predictions'}",
+    ]
+    summary = predict_stage.run(load_config(None, overrides, training=False))
+    assert summary["predictions"] == 128 and summary["dead_letter"]["count"] == 0
+    assert summary["model"]["version"] == 1
+    rows = [json.loads(line) for f in summary["files"] for line in open(tmp_path / "predictions" / f)]
+    signature = tf.saved_model.load(registry.version_uri(registry_uri, "beans", 1)).signatures[
+        "serving_default"
+    ]
+    for start in range(0, len(rows), 32):
+        chunk = rows[start : start + 32]
+        out = signature(images=tf.constant([open(r["uri"], "rb").read() for r in chunk]))
+        for i, row in enumerate(chunk):
+            assert [e["class_name"] for e in row["top_k"]] == [
+                n.decode() for n in out["class_names"].numpy()[i]
+            ]
+            probabilities = out["probabilities"].numpy()[i][out["class_ids"].numpy()[i]]
+            np.testing.assert_allclose([e["probability"] for e in row["top_k"]], probabilities, atol=1e-5)
+    accuracy = np.mean([r["class_name"] == os.path.basename(os.path.dirname(r["uri"])) for r in rows])
+    print(f"beans test photos, predict accuracy {accuracy:.4f} (gate: candidate {verdict['candidate']:.4f})")
+    assert accuracy == pytest.approx(verdict["candidate"], abs=0.03)
