@@ -67,6 +67,7 @@ bench: install
 	$(PY) -m benchmarks.bench_train --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
 	$(PY) -m benchmarks.bench_cpu_kernels --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
 	$(PY) -m benchmarks.bench_scale --data $(BENCH_DATA)
+	$(PY) -m benchmarks.bench_predict --data $(BENCH_DATA) --weights $(BENCH_WEIGHTS)
 
 # k8s/ is generated: regenerate it after changing configs/beans-cluster.yaml or the manifests
 # code (tests/test_k8s_render.py fails when the two differ).
