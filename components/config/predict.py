@@ -102,7 +102,11 @@ class PredictConfig:
     pipeline_options: dict[str, Any] = option(
         help="passed to Beam unchanged, as `preprocess.pipeline_options`", factory=dict
     )
-    num_workers: int = option(0, help="local runner worker processes; 0 = one, in this process")
+    num_workers: int = option(
+        0,
+        help="local runner worker processes; 0 = one, in this process (on one machine the fastest: "
+        "each process loads TensorFlow and the model, docs/performance.md)",
+    )
     batch_size: int = option(64, help="images per model call (RunInference batches up to this many)")
     image_threads: int = option(
         0, help="threads reading and checking images in each Beam worker; 0 = one per CPU, at most 8"
