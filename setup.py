@@ -41,8 +41,6 @@ setup(
         "tensorboard==2.21.*",  # tf.summary, written by the trainer for TensorBoard
         "tensorflow-transform==1.21.*",
         "apache-beam[gcp]==2.77.*",
-        # Beam's TensorFlow model handler (finetune predict) imports it at module level
-        "tensorflow-hub==0.16.*",
         "pyarrow>=14",  # predict.format: parquet (Beam's WriteToParquet; also a Beam dependency)
         "google-cloud-storage>=3,<4",
         "google-crc32c>=1.5",  # the TFRecord framing of the preprocessing stage's shard writer

@@ -2,8 +2,8 @@
 
 :func:`build` only wires transforms into a pipeline it is given; the stage module runs it.
 The images are read and checked with preprocessing's own transforms and rules (the same dead
-letters for the same files), then classified by Beam's ``RunInference`` with its TensorFlow
-model handler, which batches them and loads the model once per worker process. The model is
+letters for the same files), then classified by Beam's ``RunInference``, which batches them
+and loads the model once per worker process, through :class:`SavedModelHandler`. The model is
 the export's SavedModel called through its ``serving_default`` signature, raw bytes in: the
 decoding and resizing are the graph's own, so a prediction here equals TF Serving's answer
 for the same file. Nothing collects the results: rows stream to sharded files.
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
-from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from components.core import storage
 from components.preprocess import images, progress, transforms
@@ -123,14 +122,22 @@ def _results(outputs: dict[str, Any], model_id: str | None) -> list[PredictionRe
     ]
 
 
-class SavedModelHandler(TFModelHandlerTensor):
-    """Beam's TensorFlow model handler for the export: loads it with ``tf.saved_model.load``
-    (it is a ``tf.Module`` with signatures, not a Keras model; gs:// through the storage
-    edge) and calls :func:`serve`. Batches hold exactly ``batch_size`` images but the last of
-    a bundle. Runs on every worker; the model is loaded once per worker process."""
+class SavedModelHandler(ModelHandler):
+    """Beam's model handler for the export: loads it with ``tf.saved_model.load`` (it is a
+    ``tf.Module`` with signatures, not a Keras model; gs:// through the storage edge) and calls
+    :func:`serve`. Batches hold exactly ``batch_size`` images but the last of a bundle. Runs on
+    every worker; the model is loaded once per worker process.
+
+    Built on Beam's base ``ModelHandler``, as Beam documents for models of its own kind, rather
+    than on ``TFModelHandlerTensor``: that handler would load the model with Keras, and its
+    module imports ``tensorflow_hub``, which needs setuptools' ``pkg_resources`` at import and
+    fails in an environment whose setuptools cannot resolve the installed distributions (the
+    image's, seen in the image test).
+    """
 
     def __init__(self, model_uri: str, batch_size: int, model_threads: int = 0):
-        super().__init__(model_uri, inference_fn=serve, min_batch_size=batch_size, max_batch_size=batch_size)
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        self._model_uri = model_uri
         self._model_threads = model_threads
 
     def load_model(self) -> Any:
@@ -145,6 +152,14 @@ class SavedModelHandler(TFModelHandlerTensor):
             except RuntimeError:  # the runtime started already in this process: its threads stay
                 _LOG.warning("predict.model_threads: TensorFlow already started here; it keeps its threads")
         return load_saved_model(self._model_uri)
+
+    def run_inference(
+        self, batch: Sequence[bytes], model: Any, inference_args: dict[str, Any] | None = None
+    ) -> list[PredictionResult]:
+        return serve(model, batch, inference_args or {}, self._model_uri)
+
+    def get_num_bytes(self, batch: Sequence[bytes]) -> int:
+        return sum(len(data) for data in batch)
 
     def get_metrics_namespace(self) -> str:
         return STEP_INFER
