@@ -107,6 +107,20 @@ def mark_owned(folder: str, stage: str, sealed: bool = False) -> None:
     storage.write_text(storage.join(folder, OWNER_FILE), json.dumps(record, indent=2) + "\n")
 
 
+def publish(staging: str, final: str, stage: str, texts: dict[str, str], scratch_marker: str) -> None:
+    """Completes a staging folder and moves it into place as ``final``, replacing the last
+    run's: writes ``texts`` (name -> content, e.g. config.yaml and summary.json), drops the
+    scratch marker, seals the folder, checks ``final`` is still the stage's own (a file may
+    have been put there while it ran) and swaps it in."""
+    for name, text in texts.items():
+        storage.write_text(storage.join(staging, name), text)
+    storage.delete_tree(storage.join(staging, scratch_marker))
+    mark_owned(staging, stage, sealed=True)
+    check_owned(final, stage)
+    storage.delete_tree(final)
+    storage.move_tree(staging, final)
+
+
 def sealed_files(folder: str) -> dict[str, int] | None:
     """The files (relative path -> bytes) a finished stage recorded in ``folder``, or None
     when it recorded none (unfinished, or written before markers existed)."""

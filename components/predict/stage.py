@@ -27,7 +27,7 @@ from components.core.errors import ConfigError, StageError
 from components.predict import model as model_ref
 from components.predict import pipeline as graph
 from components.preprocess import progress, runners
-from components.preprocess.sources import discover_images
+from components.preprocess.sources import discover_images, jsonl_chunks
 
 STAGE = "predict"
 
@@ -42,13 +42,9 @@ def _parent(uri: str) -> str:
 def describe(counts: dict[str, int], total: int, seconds: float) -> str:
     """One progress line: ``read 1,200/3,000 images (40%), 1,150 classified, 10 dead letters;
     120 images/s, 10 s``."""
-    read = counts.get(progress.READ, 0)
-    share = f" ({read / total:.0%})" if total else ""
-    rate = read / seconds if seconds > 0 else 0.0
-    return (
-        f"read {read:,}/{total:,} images{share}, {counts.get(graph.CLASSIFIED, 0):,} classified, "
-        f"{counts.get(progress.DEAD_LETTERS, 0):,} dead letters; {rate:.0f} images/s, {seconds:.0f} s"
-    )
+    classified, dead = counts.get(graph.CLASSIFIED, 0), counts.get(progress.DEAD_LETTERS, 0)
+    middle = f"{classified:,} classified, {dead:,} dead letters"
+    return progress.framed(counts, total, seconds, middle)
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -78,7 +74,7 @@ def run(config: Config) -> dict[str, Any]:
     staging = scratch.new_staging(_parent(p.output), STAGE)
     try:
         candidates_uri = storage.join(staging, "tmp", "candidates.jsonl")
-        storage.write_chunks(candidates_uri, _jsonl_chunks(listing.candidates))
+        storage.write_chunks(candidates_uri, jsonl_chunks(listing.candidates))
         layout = listing.layout
         listing.candidates.clear()  # the pipeline reads them from the file
         _run_beam(config, resolved, candidates_uri, staging, total)
@@ -90,11 +86,6 @@ def run(config: Config) -> dict[str, Any]:
     if summary["status"] != "ok":
         raise StageError(summary["error"])
     return summary
-
-
-def _jsonl_chunks(candidates: list, per_chunk: int = 4096):
-    for start in range(0, len(candidates), per_chunk):
-        yield "".join(c.to_json() + "\n" for c in candidates[start : start + per_chunk]).encode("utf-8")
 
 
 def _run_beam(
@@ -177,14 +168,8 @@ def _summary(
 
 def _publish(config: Config, summary: dict[str, Any], staging: str) -> None:
     """Completes the staging folder and moves it into place, replacing the last run's."""
-    storage.write_text(storage.join(staging, "config.yaml"), to_yaml(config))
-    storage.write_text(storage.join(staging, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    storage.delete_tree(storage.join(staging, scratch.OWNER))
-    outputs.mark_owned(staging, STAGE, sealed=True)
-    final = config.predict.output
-    outputs.check_owned(final, STAGE)  # again: a file may have been put there meanwhile
-    storage.delete_tree(final)
-    storage.move_tree(staging, final)
+    texts = {"config.yaml": to_yaml(config), "summary.json": json.dumps(summary, indent=2) + "\n"}
+    outputs.publish(staging, config.predict.output, STAGE, texts, scratch.OWNER)
 
 
 def _print_summary(summary: dict[str, Any], final: str) -> None:

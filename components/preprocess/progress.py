@@ -62,14 +62,20 @@ def count(step: str, name: str, n: int = 1) -> None:
 def line(counts: dict[str, int], total: int, shards: int, seconds: float) -> str:
     """One progress line: ``read 1,200/3,000 images (40%), 1,190 decoded, 10 dead letters;
     records written 0, shards 0/12; 120 images/s, 10 s``."""
+    middle = (
+        f"{counts.get(DECODED, 0):,} decoded, {counts.get(DEAD_LETTERS, 0):,} dead letters; "
+        f"records written {counts.get(RECORDS, 0):,}, shards {counts.get(SHARDS, 0)}/{shards}"
+    )
+    return framed(counts, total, seconds, middle)
+
+
+def framed(counts: dict[str, int], total: int, seconds: float, middle: str) -> str:
+    """``read R/T images (P%), <middle>; N images/s, S s``: the frame every stage's progress
+    line shares, around what that stage counts."""
     read = counts.get(READ, 0)
     share = f" ({read / total:.0%})" if total else ""
     rate = read / seconds if seconds > 0 else 0.0
-    return (
-        f"read {read:,}/{total:,} images{share}, {counts.get(DECODED, 0):,} decoded, "
-        f"{counts.get(DEAD_LETTERS, 0):,} dead letters; records written {counts.get(RECORDS, 0):,}, "
-        f"shards {counts.get(SHARDS, 0)}/{shards}; {rate:.0f} images/s, {seconds:.0f} s"
-    )
+    return f"read {read:,}/{total:,} images{share}, {middle}; {rate:.0f} images/s, {seconds:.0f} s"
 
 
 def interval() -> float:

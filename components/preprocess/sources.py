@@ -103,6 +103,14 @@ class Listing:
     has_eval: bool
 
 
+def jsonl_chunks(candidates: Sequence[Candidate], per_chunk: int = 4096):
+    """The candidate list as JSON lines, a few thousand at a time (never one string of all):
+    what a stage writes for its Beam graph to read back, so the driver holds nothing per
+    image while the graph runs."""
+    for start in range(0, len(candidates), per_chunk):
+        yield "".join(c.to_json() + "\n" for c in candidates[start : start + per_chunk]).encode("utf-8")
+
+
 def discover(source: str, allowed_roots: Sequence[str] = ()) -> Listing:
     """Lists ``source`` and returns one candidate per file or manifest row.
 

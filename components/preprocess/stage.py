@@ -27,7 +27,7 @@ from components.preprocess import pipeline as graph
 from components.preprocess.download import ensure_source
 from components.preprocess.runners import LOCAL_RUNNERS
 from components.preprocess.shards import plan_shards
-from components.preprocess.sources import Listing, discover
+from components.preprocess.sources import Listing, discover, jsonl_chunks
 from components.preprocess.splits import SPLITS
 from components.preprocess.transforms import available_cpus
 
@@ -162,7 +162,7 @@ def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> 
     runs (about 330 bytes an image).
     """
     candidates_uri = storage.join(work.staging, "tmp", "candidates.jsonl")
-    storage.write_chunks(candidates_uri, _jsonl_chunks(listing.candidates))
+    storage.write_chunks(candidates_uri, jsonl_chunks(listing.candidates))
     split = config.data.split
     fractions = (split.train, split.eval, split.test)
     shards = plan_shards(
@@ -204,12 +204,6 @@ def _run_beam(config: Config, listing: Listing, size: int, work: _Workspace) -> 
     storage.delete_tree(storage.join(work.staging, "tmp"))
 
 
-def _jsonl_chunks(candidates: list, per_chunk: int = 4096):
-    """The candidate list as JSON lines, a few thousand at a time (never one string of all)."""
-    for start in range(0, len(candidates), per_chunk):
-        yield "".join(c.to_json() + "\n" for c in candidates[start : start + per_chunk]).encode("utf-8")
-
-
 def _publish(config: Config, summary: dict[str, Any], work: _Workspace) -> None:
     """Completes the staging directory and moves it into place, replacing the last run.
 
@@ -219,13 +213,8 @@ def _publish(config: Config, summary: dict[str, Any], work: _Workspace) -> None:
     if summary["status"] != "ok":
         for name in ("transform_fn", "transformed_metadata", *SPLITS):
             storage.delete_tree(storage.join(work.staging, name))
-    storage.write_text(storage.join(work.staging, "config.yaml"), to_yaml(config))
-    storage.write_text(storage.join(work.staging, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    storage.delete_tree(storage.join(work.staging, scratch.OWNER))
-    outputs.mark_owned(work.staging, STAGE, sealed=True)
-    outputs.check_owned(work.final, STAGE)  # again: a file may have been put there meanwhile
-    storage.delete_tree(work.final)
-    storage.move_tree(work.staging, work.final)
+    texts = {"config.yaml": to_yaml(config), "summary.json": json.dumps(summary, indent=2) + "\n"}
+    outputs.publish(work.staging, work.final, STAGE, texts, scratch.OWNER)
 
 
 def _summary(
