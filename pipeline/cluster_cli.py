@@ -266,11 +266,7 @@ def by_name(args: argparse.Namespace) -> int:
 
         return cluster_predict.unschedule(cluster, args.run)
     name = f"{args.run}-schedule"
-    if not cluster.delete("CronJob", name, propagation="Orphan"):
-        raise FinetuneError(
-            f"run '{args.run}' has no schedule in namespace {cluster.namespace}: no CronJob {name} "
-            f"({cluster.where}); see `kubectl -n {cluster.namespace} get cronjobs`"
-        )
+    cluster.delete_cron_job(name, f"run '{args.run}' has no schedule")
     print(f"deleted CronJob {name}: no more scheduled runs of '{args.run}' (a run already started goes on)")
     return 0
 

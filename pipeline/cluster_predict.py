@@ -100,11 +100,7 @@ def unschedule(cluster: Cluster, run: str) -> int:
         FinetuneError: there is no such CronJob.
     """
     name = f"{run}-{predict_jobs.SCHEDULE_PART}"
-    if not cluster.delete("CronJob", name, propagation="Orphan"):
-        raise FinetuneError(
-            f"run '{run}' has no predict schedule in namespace {cluster.namespace}: no CronJob {name} "
-            f"({cluster.where}); see `kubectl -n {cluster.namespace} get cronjobs`"
-        )
+    cluster.delete_cron_job(name, f"run '{run}' has no predict schedule")
     print(f"deleted CronJob {name}: no more scheduled predict Jobs of '{run}'")
     running = predict_jobs.started_by(cluster.list_jobs(run_selector(run, predict_jobs.COMPONENT)), name)
     if running:

@@ -201,6 +201,19 @@ class Cluster:
             raise
         return True
 
+    def delete_cron_job(self, name: str, missing: str) -> None:
+        """Deletes CronJob ``name``; a Job it already started goes on (``Orphan``).
+
+        Raises:
+            FinetuneError: there is no such CronJob; the message starts with ``missing``
+                (what the user asked for that is not there).
+        """
+        if not self.delete("CronJob", name, propagation="Orphan"):
+            raise FinetuneError(
+                f"{missing} in namespace {self.namespace}: no CronJob {name} ({self.where}); "
+                f"see `kubectl -n {self.namespace} get cronjobs`"
+            )
+
     def delete_job(self, name: str, timeout: float = 600.0) -> bool:
         """Deletes Job ``name`` (propagation Background) and waits until it and its pods are gone,
         so that a new Job of that name never meets the old pods (the training Service would

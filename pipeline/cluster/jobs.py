@@ -244,10 +244,21 @@ def cron_job(config: Config, schedule: str) -> Manifest:
     skipped too. Its driver ends early, with "no new data", when the input data's
     fingerprint equals that of the last successful run."""
     driver = driver_job(config, scheduled=True)
+    name = resource_name(config, "schedule")
+    return cron_envelope(config, name, "schedule", schedule, {"labels": labels(config, "driver")}, driver)
+
+
+def cron_envelope(
+    config: Config, name: str, component: str, schedule: str, template: Manifest, job: Manifest
+) -> Manifest:
+    """A CronJob named ``name`` that creates ``job`` (its spec, with ``template`` as the Jobs'
+    metadata) on ``schedule`` (UTC). ``Forbid``: a run still going makes the next skip, since
+    each writes the same outputs; one that could not start within
+    ``cluster.starting_deadline_seconds`` is skipped too; the last 3 of each outcome stay."""
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
-        "metadata": object_metadata(config, resource_name(config, "schedule"), "schedule"),
+        "metadata": object_metadata(config, name, component),
         "spec": {
             "schedule": schedule.strip(),
             "timeZone": "Etc/UTC",
@@ -255,7 +266,7 @@ def cron_job(config: Config, schedule: str) -> Manifest:
             "startingDeadlineSeconds": config.cluster.starting_deadline_seconds,
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 3,
-            "jobTemplate": {"metadata": {"labels": labels(config, "driver")}, "spec": driver["spec"]},
+            "jobTemplate": {"metadata": template, "spec": job["spec"]},
         },
     }
 

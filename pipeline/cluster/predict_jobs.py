@@ -188,22 +188,8 @@ def cron_job(config: Config, schedule: str) -> Manifest:
     whole when it finishes), so one still going makes the next skip (``Forbid``); one that
     could not start within ``cluster.starting_deadline_seconds`` is skipped too."""
     name = schedule_name(config)
-    job = predict_job(config, name)
     template = {"labels": labels(config, COMPONENT), "annotations": _annotations(config)}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "CronJob",
-        "metadata": object_metadata(config, name, COMPONENT),
-        "spec": {
-            "schedule": schedule.strip(),
-            "timeZone": "Etc/UTC",
-            "concurrencyPolicy": "Forbid",
-            "startingDeadlineSeconds": config.cluster.starting_deadline_seconds,
-            "successfulJobsHistoryLimit": 3,
-            "failedJobsHistoryLimit": 3,
-            "jobTemplate": {"metadata": template, "spec": job["spec"]},
-        },
-    }
+    return jobs.cron_envelope(config, name, COMPONENT, schedule, template, predict_job(config, name))
 
 
 def owned_by(manifest: Manifest, owner: Manifest, uid: str) -> Manifest:
