@@ -61,12 +61,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 from benchmarks.bench_scale import grow_source, sample_files
-from benchmarks.common import write_result
+from benchmarks.common import add_work_options, work_folder, write_result
 
 STARTED = time.perf_counter()
 CORES = os.cpu_count() or 1
@@ -357,8 +356,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call, both sides")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds; medians are reported")
     parser.add_argument("--quiet-wait", type=float, default=120, help="seconds in all to wait for quiet")
-    parser.add_argument("--work", help="scratch folder (default: a new temporary folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the model, images and logs")
+    add_work_options(parser, "the model, images and logs")
     parser.add_argument("--out", default="runs/bench/predict.json", help="where the JSON result goes")
     parser.add_argument("--child-export", help=argparse.SUPPRESS)
     parser.add_argument("--child-loop", nargs=2, help=argparse.SUPPRESS)
@@ -374,16 +372,9 @@ def main() -> None:
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     if not sizes or sizes[0] < 1 or args.rounds < 1:
         parser.error(f"--sizes {args.sizes} --rounds {args.rounds}: expected positive counts")
-    if args.work and os.path.isdir(args.work) and os.listdir(args.work):
-        parser.error(f"--work {args.work}: not empty; give a new or empty folder")
-    work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix="bench-predict-")
-    os.makedirs(work, exist_ok=True)
-    say(f"sizes {sizes}, work folder {work}")
-    try:
+    with work_folder(args, "bench-predict-") as work:
+        say(f"sizes {sizes}, work folder {work}")
         result = measure(args, sizes, work)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     result["total_seconds"] = round(time.perf_counter() - STARTED, 1)
     write_result(args.out, result)
 

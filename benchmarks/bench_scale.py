@@ -47,13 +47,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 from PIL import Image
 
-from benchmarks.common import write_result
+from benchmarks.common import add_work_options, work_folder, write_result
 
 STARTED = time.perf_counter()
 MIB = 1024 * 1024
@@ -296,8 +295,7 @@ def main() -> None:
     )
     parser.add_argument("--data", help="required: the sample, class folders of full-size JPEGs")
     parser.add_argument("--sizes", default="3000,30000,100000", help="comma-separated image counts")
-    parser.add_argument("--work", help="scratch folder (default: a new temporary folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the generated images and run directories")
+    add_work_options(parser, "the generated images and run directories")
     parser.add_argument("--image-size", type=int, default=224, help="model.image_size for preprocessing")
     parser.add_argument("--batch-size", type=int, default=64, help="the training input's batch")
     parser.add_argument("--out", default="runs/bench/scale.json", help="where the JSON result goes")
@@ -312,19 +310,9 @@ def main() -> None:
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     if not sizes or sizes[0] < 1:
         raise SystemExit(f"--sizes {args.sizes}: expected positive image counts, e.g. 3000,30000,100000")
-    if args.work:
-        os.makedirs(args.work, exist_ok=True)
-        if os.listdir(args.work):
-            raise SystemExit(f"--work {args.work}: not empty; give a new or empty folder")
-        work = os.path.abspath(args.work)
-    else:
-        work = tempfile.mkdtemp(prefix="bench-scale-")
-    say(f"sizes {sizes}, work folder {work}")
-    try:
+    with work_folder(args, "bench-scale-") as work:
+        say(f"sizes {sizes}, work folder {work}")
         result = measure(args, sizes, work)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     result["total_seconds"] = round(time.perf_counter() - STARTED, 1)
     write_result(args.out, result)
 

@@ -3,8 +3,13 @@ repository root)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -14,3 +19,29 @@ def write_result(path: str, result: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
+
+
+def add_work_options(parser: argparse.ArgumentParser, kept: str) -> None:
+    """``--work`` and ``--keep``: where the benchmark's scratch goes, and whether ``kept``
+    (what it holds, for the help) stays after."""
+    parser.add_argument("--work", help="scratch folder, new or empty (default: a new temporary folder)")
+    parser.add_argument("--keep", action="store_true", help=f"keep {kept}")
+
+
+@contextlib.contextmanager
+def work_folder(args: argparse.Namespace, prefix: str) -> Iterator[str]:
+    """The scratch folder of :func:`add_work_options`: ``--work`` (refused unless new or
+    empty, so nothing of a user's is ever removed) or a new temporary folder; removed at the
+    end, whatever happens, unless ``--keep``."""
+    if args.work:
+        os.makedirs(args.work, exist_ok=True)
+        if os.listdir(args.work):
+            raise SystemExit(f"--work {args.work}: not empty; give a new or empty folder")
+        work = os.path.abspath(args.work)
+    else:
+        work = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield work
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
