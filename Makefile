@@ -66,6 +66,7 @@ bench: install
 	$(PY) -m benchmarks.bench_preprocess --data $(BENCH_DATA)
 	$(PY) -m benchmarks.bench_train --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
 	$(PY) -m benchmarks.bench_cpu_kernels --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS)
+	$(PY) -m benchmarks.bench_cpu_precision
 	$(PY) -m benchmarks.bench_scale --data $(BENCH_DATA)
 	$(PY) -m benchmarks.bench_predict --data $(BENCH_DATA) --weights $(BENCH_WEIGHTS)
 

@@ -38,6 +38,10 @@ class Backbone:
             Keras transfer-learning guide).
         imagenet_alphas: Widths (``model.alpha``) with published ImageNet weights; empty for
             backbones that have no width multiplier.
+        cpu_bfloat16: Whether ``train.mixed_precision: auto`` trains it in bfloat16 on a CPU
+            with AMX: true where ``benchmarks/bench_cpu_precision.py`` measured it faster
+            there (docs/performance.md), false where the casts cost more than the 16-bit math
+            saves (the depthwise-convolution backbones).
     """
 
     name: str
@@ -47,6 +51,7 @@ class Backbone:
     min_size: int
     unfreeze_from: str
     imagenet_alphas: tuple[float, ...] = ()
+    cpu_bfloat16: bool = False
 
     @property
     def has_alpha(self) -> bool:
@@ -56,10 +61,12 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("vgg16", "VGG16", "vgg16", 224, 32, "block5_conv1"),
-        Backbone("vgg19", "VGG19", "vgg19", 224, 32, "block5_conv1"),
-        Backbone("resnet50", "ResNet50", "resnet", 224, 32, "conv5_block1_1_conv"),
-        Backbone("resnet50v2", "ResNet50V2", "resnet_v2", 224, 32, "conv5_block1_preact_bn"),
+        Backbone("vgg16", "VGG16", "vgg16", 224, 32, "block5_conv1", cpu_bfloat16=True),
+        Backbone("vgg19", "VGG19", "vgg19", 224, 32, "block5_conv1", cpu_bfloat16=True),
+        Backbone("resnet50", "ResNet50", "resnet", 224, 32, "conv5_block1_1_conv", cpu_bfloat16=True),
+        Backbone(
+            "resnet50v2", "ResNet50V2", "resnet_v2", 224, 32, "conv5_block1_preact_bn", cpu_bfloat16=True
+        ),
         Backbone("mobilenet", "MobileNet", "mobilenet", 224, 32, "conv_dw_12", (0.25, 0.5, 0.75, 1.0)),
         Backbone(
             "mobilenet_v2",

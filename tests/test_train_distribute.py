@@ -54,28 +54,6 @@ def test_bad_tf_config_is_a_clear_error(raw, message):
 
 
 @pytest.mark.parametrize(
-    "choice, device, policy",
-    [
-        ("auto", "cpu", "float32"),
-        ("auto", "gpu", "mixed_float16"),
-        ("auto", "tpu", "mixed_bfloat16"),
-        ("false", "gpu", "float32"),
-        ("true", "gpu", "mixed_float16"),
-        (True, "tpu", "mixed_bfloat16"),
-    ],
-)
-def test_precision_policy(choice, device, policy):
-    config = load_config(None, ["data.source=/d", "run_dir=/r", f"train.mixed_precision={choice}"])
-    assert distribute.precision_policy(config, device) == policy
-
-
-def test_mixed_precision_forced_on_a_cpu_only_machine_fails_early():
-    config = load_config(None, ["data.source=/d", "run_dir=/r", "train.mixed_precision=true"])
-    with pytest.raises(ConfigError, match="needs a GPU or TPU"):
-        distribute.precision_policy(config, "cpu")
-
-
-@pytest.mark.parametrize(
     "choice, device, expected",
     [("auto", "cpu", False), ("auto", "gpu", True), ("true", "cpu", True), ("off", "tpu", False)],
 )

@@ -36,8 +36,11 @@ class TrainConfig:
     last epochs take small steps, which the eval loss then picks among), ``constant`` keeps it.
     ``unfreeze`` is
     empty for the backbone's default, a fraction of the backbone's layers counted from the
-    top, or the name of the first layer to train. ``mixed_precision`` and ``xla`` are
-    ``auto`` (on with a GPU or TPU, off on CPU), ``true`` or ``false``.
+    top, or the name of the first layer to train. ``mixed_precision`` ``auto`` is float16
+    on GPU, bfloat16 on TPU, and on CPU bfloat16 only for the backbones where it was measured
+    to pay on CPUs with AMX (components/train/precision.py), float32 otherwise; ``true`` or
+    ``false`` force it. ``xla`` is ``auto`` (on with a GPU or TPU, off on CPU), ``true`` or
+    ``false``. Whatever it trains in, the stage saves float32 models.
     ``early_stopping_patience`` 0 trains every epoch; N stops after N epochs without a lower
     eval loss and keeps the best weights. ``backup_every_steps`` 0 backs up for preemption at
     every epoch end, N every N steps (the last epoch's end never: ``fit`` deletes the backup as
@@ -67,7 +70,9 @@ class TrainConfig:
     )
     augment: AugmentConfig = option(help="candidate phase only", factory=AugmentConfig)
     mixed_precision: str = option(
-        "auto", help="`auto` (float16 on GPU, bfloat16 on TPU, off on CPU), `true`, `false`"
+        "auto",
+        help="`auto` (float16 on GPU, bfloat16 on TPU; on CPU bfloat16 where the backbone gains from "
+        "it on a CPU with AMX, else float32), `true`, `false`",
     )
     xla: str = option("auto", help="`auto` (on with GPU/TPU), `true`, `false`")
     seed: int = option(

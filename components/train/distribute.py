@@ -217,23 +217,6 @@ def create_strategy(cluster: Cluster) -> Placement:
     return Placement(tf.distribute.get_strategy(), "default", device, 1)
 
 
-def precision_policy(config: Config, device: str) -> str:
-    """The Keras dtype policy: mixed float16 on GPU, mixed bfloat16 on TPU, float32 on CPU.
-
-    Raises:
-        ConfigError: ``train.mixed_precision: true`` on a machine with neither GPU nor TPU.
-    """
-    choice = tri_state(config.train.mixed_precision)
-    if choice == "false" or (choice == "auto" and device == "cpu"):
-        return "float32"
-    if device == "cpu":
-        raise ConfigError(
-            "train.mixed_precision: true needs a GPU or TPU and this machine has neither; "
-            "use 'auto' (mixed precision where it helps) or 'false'"
-        )
-    return "mixed_bfloat16" if device == "tpu" else "mixed_float16"
-
-
 def use_xla(config: Config, device: str) -> bool:
     """``train.xla``: auto compiles with XLA on GPU and TPU, not on CPU."""
     choice = tri_state(config.train.xla)

@@ -14,7 +14,8 @@ Built on every worker, under the strategy's scope.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +47,22 @@ CUSTOM_OBJECTS = {"BackbonePreprocess": BackbonePreprocess, "finetune>BackbonePr
 
 
 def load_model(path: str, compile: bool = False) -> Any:
-    """A saved ``model.keras`` of this project (a local path), with its custom layer."""
-    return tf_keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, compile=compile)
+    """A saved ``model.keras`` of this project (a local path), with its custom layer, in
+    float32 (as the training stage saves them) whatever the process's global policy."""
+    with global_policy("float32"):
+        return tf_keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, compile=compile)
+
+
+@contextlib.contextmanager
+def global_policy(name: str) -> Iterator[None]:
+    """Keras's global dtype policy set to ``name`` inside the block, and restored after:
+    layers and nested models built inside take it unless their config says otherwise."""
+    previous = tf_keras.mixed_precision.global_policy()
+    tf_keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        tf_keras.mixed_precision.set_global_policy(previous)
 
 
 @dataclass
@@ -181,6 +196,42 @@ def feature_extractor(classifier: Classifier, on_tpu: bool = False) -> Callable[
         lambda x: tf.cast(extractor(x, training=False), tf.float32), input_signature=signature
     )
     return lambda images: extract(images).numpy()
+
+
+def float32_copy(keras_model: Any) -> Any:
+    """``keras_model`` computing in float32 throughout, with its weights: what the stage saves
+    when it trained under mixed precision (the variables are float32 already; only the
+    layers' compute dtype changes), so evaluation, the export, TFLite and serving never run
+    16-bit math. ``keras_model`` itself when it is float32 already.
+
+    Every layer's ``dtype`` in the saved config is rewritten, nested models' too, and the
+    copy is built under the float32 policy. Under MultiWorkerMirroredStrategy the weight
+    read is collective: call it on every worker at the same point.
+    """
+    config = keras_model.get_config()
+    rewritten = _float32_config(config)
+    if rewritten == config:
+        return keras_model
+    with global_policy("float32"):  # nested models' configs name no dtype
+        copy = keras_model.__class__.from_config(rewritten, custom_objects=CUSTOM_OBJECTS)
+    copy.set_weights(keras_model.get_weights())
+    return copy
+
+
+def _float32_config(value: Any) -> Any:
+    """A layer config with every mixed or 16-bit ``dtype`` (a policy name, or a serialized
+    ``Policy``) replaced by ``float32``, recursively."""
+    if isinstance(value, list):
+        return [_float32_config(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: _float32_config(v) for k, v in value.items()}
+    dtype = out.get("dtype")
+    if isinstance(dtype, dict) and dtype.get("class_name") in ("Policy", "DTypePolicy"):
+        out["dtype"] = "float32"
+    elif dtype in ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16"):
+        out["dtype"] = "float32"
+    return out
 
 
 def local_copy(keras_model: Any) -> Any:

@@ -359,7 +359,7 @@ def _save(ctx: Run, keras_model: Any, phase: str, result: dict, history: dict) -
     tmp = scratch.mkdtemp(phase)
     try:
         path = os.path.join(tmp, "model.keras")
-        keras_model.save(path)
+        model.float32_copy(keras_model).save(path)  # served as float32, whatever it trained in
         digest = weights_digest(keras_model)
         ctx.say(f"{phase}: weights sha256 {digest}")
         distribute.record_phase(ctx.cluster, phase, {"weights_sha256": digest, "steps": result["steps"]})

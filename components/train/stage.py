@@ -29,7 +29,7 @@ from components.config import Config, resolved_image_size, to_yaml
 from components.core import outputs, storage
 from components.core.errors import StageError
 from components.preprocess.output import PreprocessOutput
-from components.train import data, distribute, model, phases
+from components.train import data, distribute, model, phases, precision
 from components.train.phases import Inputs, Run
 
 STAGE = "train"
@@ -99,7 +99,14 @@ def _cache_line(cache: str, mib: float, budget: int) -> str:
 
 
 def run(config: Config) -> dict[str, Any]:
-    """Trains the baseline and the candidate; returns the summary (on every worker)."""
+    """Trains the baseline and the candidate; returns the summary (on every worker). The
+    process's Keras dtype policy is what it was before, after (``finetune run`` evaluates in
+    the same process)."""
+    with model.global_policy(tf_keras.mixed_precision.global_policy().name):
+        return _run(config)
+
+
+def _run(config: Config) -> dict[str, Any]:
     started = time.perf_counter()
     distribute.ensure_tf_config()  # a pod of the Indexed Job: TF_CONFIG from its index and the hosts
     cluster = distribute.parse_tf_config()
@@ -107,7 +114,10 @@ def run(config: Config) -> dict[str, Any]:
     if cluster.is_chief:
         outputs.check_owned(output_dir(config), STAGE)  # before any work: never delete a user's file
     placement = distribute.create_strategy(cluster)  # before any other TensorFlow op
-    policy = distribute.precision_policy(config, placement.device)
+    chosen = precision.choose(
+        config.train.mixed_precision, placement.device, config.model.backbone, precision.cpu_features()
+    )
+    policy = chosen.policy
     tf_keras.mixed_precision.set_global_policy(policy)
     global_batch = config.train.batch_size * placement.replicas
     cache, cache_mib = image_cache(config, inputs, cluster.num_workers)
@@ -129,8 +139,9 @@ def run(config: Config) -> dict[str, Any]:
     ctx.say(
         f"{placement.name} ({cluster.describe()}, {placement.replicas} replica(s) on {placement.device}); "
         f"{inputs.num_train} train / {inputs.num_eval} eval images, {len(inputs.classes)} classes; "
-        f"global batch {global_batch}, {ctx.steps_per_epoch} steps per epoch; {policy}, XLA {ctx.jit_compile}"
+        f"global batch {global_batch}, {ctx.steps_per_epoch} steps per epoch; XLA {ctx.jit_compile}"
     )
+    ctx.say(f"precision: {policy} ({chosen.reason})")
     ctx.say(_cache_line(cache, cache_mib, config.train.image_cache_mb))
     tf_keras.utils.set_random_seed(config.train.seed)
     with placement.strategy.scope():
@@ -160,6 +171,7 @@ def run(config: Config) -> dict[str, Any]:
         "per_replica_batch_size": config.train.batch_size,
         "global_batch_size": global_batch,
         "precision_policy": policy,
+        "precision_reason": chosen.reason,
         "xla": ctx.jit_compile,
         "image_cache": ctx.cache,
         "baseline": baseline,
