@@ -32,12 +32,11 @@ import argparse
 import glob
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
-from benchmarks.common import write_result
+from benchmarks.common import paired, write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"on": "1", "off": "0"}
@@ -128,14 +127,9 @@ def main() -> None:
         rounds.append(measured)
         print(f"[bench] round {i + 1}/{args.rounds}: {json.dumps(measured)}", flush=True)
     result: dict = {"benchmark": "cpu_kernels", "rounds": rounds}
+    keys = ("on_images_per_second", "off_images_per_second", "on_over_off")
     for what in ("train", "features", "single"):
-        ratios = [r["on"][what] / r["off"][what] for r in rounds]
-        result[what] = {
-            "on_images_per_second": statistics.median(r["on"][what] for r in rounds),
-            "off_images_per_second": statistics.median(r["off"][what] for r in rounds),
-            "on_over_off": round(statistics.median(ratios), 3),
-            "ratios": [round(x, 3) for x in ratios],
-        }
+        result[what] = paired(rounds, what, "on", "off", keys)
     write_result(args.out, result)
 
 

@@ -44,12 +44,11 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 
-from benchmarks.common import add_work_options, work_folder, write_result
+from benchmarks.common import add_work_options, paired, work_folder, write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICIES = ("float32", "mixed_bfloat16")
@@ -124,14 +123,9 @@ def run_child(args: argparse.Namespace, name: str, size: int) -> dict:
 def summarize(name: str, size: int, measured: dict, pays: float, table_says: bool) -> dict:
     rounds = measured["rounds"]
     entry: dict = {"backbone": name, "image_size": size, "rounds": rounds}
+    keys = ("bfloat16_images_per_second", "float32_images_per_second", "bfloat16_over_float32")
     for what in ("train", "forward"):
-        ratios = [r["mixed_bfloat16"][what] / r["float32"][what] for r in rounds]
-        entry[what] = {
-            "float32_images_per_second": statistics.median(r["float32"][what] for r in rounds),
-            "bfloat16_images_per_second": statistics.median(r["mixed_bfloat16"][what] for r in rounds),
-            "bfloat16_over_float32": round(statistics.median(ratios), 3),
-            "ratios": [round(x, 3) for x in ratios],
-        }
+        entry[what] = paired(rounds, what, "mixed_bfloat16", "float32", keys)
     entry["pays"] = (
         entry["train"]["bfloat16_over_float32"] >= pays and entry["forward"]["bfloat16_over_float32"] >= 1.0
     )

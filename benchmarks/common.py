@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -45,3 +46,19 @@ def work_folder(args: argparse.Namespace, prefix: str) -> Iterator[str]:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def paired(
+    rounds: list[dict], what: str, top: str, bottom: str, keys: tuple[str, str, str]
+) -> dict[str, Any]:
+    """Measurement ``what`` of variants ``top`` and ``bottom`` run side by side in each round
+    (``rounds[i][variant][what]``): each variant's median, the median of the per-round
+    ``top / bottom`` ratios (only same-round figures are compared: a shared machine's speed
+    drifts over minutes) and those ratios, under ``keys`` (top's, bottom's, the ratio's)."""
+    ratios = [r[top][what] / r[bottom][what] for r in rounds]
+    return {
+        keys[0]: statistics.median(r[top][what] for r in rounds),
+        keys[1]: statistics.median(r[bottom][what] for r in rounds),
+        keys[2]: round(statistics.median(ratios), 3),
+        "ratios": [round(x, 3) for x in ratios],
+    }
