@@ -12,6 +12,7 @@ DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),data/beans)
 BENCH_DATA ?= ../shared/datasets/beans_raw_sample
 BENCH_BEANS ?= ../shared/datasets/beans
 BENCH_WEIGHTS ?= ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
+BENCH_WEIGHTS_1 ?= ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
 RUN_DIR ?= runs/beans
 # ImageNet MobileNetV2 0.35 weights: the offline copy in ../shared when present, otherwise
 # Keras downloads them ("imagenet").
@@ -26,7 +27,7 @@ IMAGE ?= finetune:0.1.0$(if $(filter gpu,$(VARIANT)),-gpu)
 CONTAINER_TOOL ?= $(shell if docker info >/dev/null 2>&1; then echo docker; \
 	elif command -v podman >/dev/null; then echo podman; elif command -v buildah >/dev/null; then echo buildah; fi)
 
-.PHONY: install test test-fast test-image image demo lint bench k8s clean
+.PHONY: install test test-fast test-image image demo lint bench bench-gpu k8s clean
 
 install: $(VENV)/.installed
 
@@ -69,6 +70,11 @@ bench: install
 	$(PY) -m benchmarks.bench_cpu_precision
 	$(PY) -m benchmarks.bench_scale --data $(BENCH_DATA)
 	$(PY) -m benchmarks.bench_predict --data $(BENCH_DATA) --weights $(BENCH_WEIGHTS)
+
+# On a machine with a GPU only (it exits 2 where TensorFlow sees none; `--smoke` runs it on a
+# CPU, as tests/test_bench_gpu.py does): docs/performance.md#gpu.
+bench-gpu: install
+	$(PY) -m benchmarks.bench_gpu --beans $(BENCH_BEANS) --weights $(BENCH_WEIGHTS_1)
 
 # k8s/ is generated: regenerate it after changing configs/beans-cluster.yaml or the manifests
 # code (tests/test_k8s_render.py fails when the two differ).
