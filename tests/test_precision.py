@@ -156,6 +156,13 @@ def test_a_bfloat16_run_on_cpu_trains_finite_and_saves_exports_and_serves_float3
         saved = train_model.load_model(os.path.join(out, phase, "model.keras"))
         assert _dtypes(saved) == {"float32"}, phase  # trained in bfloat16, saved in float32
 
+    # Interrupted after the baseline: the float32 baseline loads into the bfloat16 model.
+    os.remove(os.path.join(out, "summary.json"))
+    os.remove(os.path.join(out, "candidate", "result.json"))
+    resumed = train_stage.run(config)
+    assert resumed["baseline"] == summary["baseline"] and resumed["precision_policy"] == MIXED_BFLOAT16
+    assert np.isfinite(resumed["candidate"]["eval"]["loss"])
+
     verdict = evaluate_stage.run(
         train_config(
             run_dir, "evaluate.bootstrap_samples=200", "gate.min_improvement=-1", "export.tflite=true"
