@@ -319,26 +319,12 @@ class Child:
     # ------------------------------------------------------------------------ section 2
 
     def input_fn(self, inputs: Any, global_batch: int, cache: str, augment: bool = True) -> Any:
-        """The candidate phase's ``train_fn`` (components/train/phases.py)."""
+        """The candidate phase's ``train_fn`` (``data.training_input``)."""
         from components.train import data
 
-        t = self.cfg.train
-
-        def train_fn(ictx: Any) -> Any:
-            return data.image_dataset(
-                inputs.train_files,
-                inputs.image_size,
-                ictx.get_per_replica_batch_size(global_batch),
-                shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
-                training=True,
-                repeat=True,
-                augment=t.augment if augment else None,
-                shuffle_buffer=t.shuffle_buffer,
-                seed=t.seed + ictx.input_pipeline_id,
-                cache=cache,
-            )
-
-        return train_fn
+        return data.training_input(
+            inputs.train_files, inputs.image_size, global_batch, self.cfg.train, cache, augment
+        )
 
     def input_alone(self, inputs: Any, batch: int, cache: str, augment: bool, skip: int) -> float:
         """Images/s of one input pipeline iterated with no model, as the stage builds it."""

@@ -190,25 +190,9 @@ class Bench:
     def records_fn(
         self, augment: bool, cache: str
     ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-        """The candidate phase's ``train_fn`` (components/train/phases.py), augmentation and
-        the in-memory cache chosen."""
-        t = self.cfg.train
-
-        def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
-            return data.image_dataset(
-                self.files,
-                self.size,
-                ictx.get_per_replica_batch_size(self.batch),
-                shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
-                training=True,
-                repeat=True,
-                augment=t.augment if augment else None,
-                shuffle_buffer=t.shuffle_buffer,
-                seed=t.seed + ictx.input_pipeline_id,
-                cache=cache,
-            )
-
-        return train_fn
+        """The candidate phase's ``train_fn`` (``data.training_input``), augmentation and the
+        in-memory cache chosen."""
+        return data.training_input(self.files, self.size, self.batch, self.cfg.train, cache, augment)
 
     def synthetic_fn(self, ictx: tf.distribute.InputContext) -> tf.data.Dataset:
         """One fixed batch of real images, in memory, repeated: an input that costs nothing."""

@@ -19,11 +19,12 @@ Runs on every worker, inside ``strategy.distribute_datasets_from_function``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tensorflow as tf
 
-from components.config import AugmentConfig
+from components.config import AugmentConfig, TrainConfig
 from components.core import storage
 from components.core.errors import StageError
 from components.preprocess import schema
@@ -137,6 +138,32 @@ def image_dataset(
         )
     dataset = unsharded(dataset.prefetch(AUTOTUNE))
     return dataset if training or repeat else _single_pass(dataset)
+
+
+def training_input(
+    files: list[str], image_size: int, global_batch: int, train: TrainConfig, cache: str, augment: bool = True
+) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """The candidate phase's input, for ``strategy.distribute_datasets_from_function``: each
+    input pipeline's shard of ``files``, shuffled and repeated, batched per replica from
+    ``global_batch``, augmented as ``train.augment`` says (none without ``augment``), seeded
+    from ``train.seed`` per pipeline, kept in memory as ``cache``. The stage and the
+    benchmarks that measure it build it here, so they measure the same input."""
+
+    def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
+        return image_dataset(
+            files,
+            image_size,
+            ictx.get_per_replica_batch_size(global_batch),
+            shard=Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
+            training=True,
+            repeat=True,
+            augment=train.augment if augment else None,
+            shuffle_buffer=train.shuffle_buffer,
+            seed=train.seed + ictx.input_pipeline_id,
+            cache=cache,
+        )
+
+    return train_fn
 
 
 def _single_pass(dataset: tf.data.Dataset) -> tf.data.Dataset:

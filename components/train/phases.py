@@ -158,19 +158,7 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
     )
     size = ctx.inputs.image_size
 
-    def train_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
-        return data.image_dataset(
-            ctx.inputs.train_files,
-            size,
-            ictx.get_per_replica_batch_size(ctx.global_batch),
-            shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
-            training=True,
-            repeat=True,
-            augment=t.augment,
-            shuffle_buffer=t.shuffle_buffer,
-            seed=t.seed + ictx.input_pipeline_id,
-            cache=ctx.cache,
-        )
+    train_fn = data.training_input(ctx.inputs.train_files, size, ctx.global_batch, t, ctx.cache)
 
     def eval_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
         return data.image_dataset(
