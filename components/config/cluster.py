@@ -26,7 +26,8 @@ class ClusterConfig:
     every pod once ``gpus_per_worker`` is above 0). Training is an Indexed Job of
     ``workers`` pods, each with ``gpus_per_worker`` GPUs; ``cpu`` and ``memory`` are each
     stage pod's requests (memory is also its limit). ``node_selector`` places every stage
-    pod; ``gpu_node_selector`` is added to the training pods when they request GPUs.
+    pod; ``gpu_node_selector`` is added to the pods that request GPUs: the training pods, and a
+    predict pod that runs its model itself (a local runner), which asks for one.
     Credentials come from the cluster, never from the image: ``workload_identity`` (a Google
     service account email, annotated on the Kubernetes service accounts) or
     ``credentials_secret`` (a Secret holding ``key.json``, mounted into every pod); with
@@ -44,12 +45,14 @@ class ClusterConfig:
     namespace: str = option("finetune", help="namespace of every object")
     workers: int = option(1, help="training pods (MultiWorkerMirroredStrategy across them)")
     gpus_per_worker: int = option(
-        0, help="`nvidia.com/gpu` per training pod; adds `gpu_node_selector` and the GPU toleration"
+        0,
+        help="`nvidia.com/gpu` per training pod (above 0: one for a predict pod that runs its model "
+        "itself); adds `gpu_node_selector` and the GPU toleration",
     )
     cpu: str = option("2", help="CPU request of each stage pod")
     memory: str = option("8Gi", help="memory request of each stage pod (also its limit)")
     node_selector: dict[str, str] = option(help="node labels for every stage pod", factory=dict)
-    gpu_node_selector: dict[str, str] = option(help="node labels for GPU training pods", factory=dict)
+    gpu_node_selector: dict[str, str] = option(help="node labels for pods that request GPUs", factory=dict)
     workload_identity: str = option(
         "", help="Google service account email annotated on the Kubernetes service accounts"
     )
