@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from components.core import storage
+from components.core import scratch, storage
 from components.core.errors import ConfigError, StageError
 
 
@@ -107,14 +107,14 @@ def mark_owned(folder: str, stage: str, sealed: bool = False) -> None:
     storage.write_text(storage.join(folder, OWNER_FILE), json.dumps(record, indent=2) + "\n")
 
 
-def publish(staging: str, final: str, stage: str, texts: dict[str, str], scratch_marker: str) -> None:
-    """Completes a staging folder and moves it into place as ``final``, replacing the last
-    run's: writes ``texts`` (name -> content, e.g. config.yaml and summary.json), drops the
-    scratch marker, seals the folder, checks ``final`` is still the stage's own (a file may
-    have been put there while it ran) and swaps it in."""
-    for name, text in texts.items():
-        storage.write_text(storage.join(staging, name), text)
-    storage.delete_tree(storage.join(staging, scratch_marker))
+def publish(staging: str, final: str, stage: str, config_yaml: str, summary: dict[str, Any]) -> None:
+    """Completes a staging folder (:func:`components.core.scratch.new_staging`) and moves it
+    into place as ``final``, replacing the last run's: writes ``config.yaml`` and
+    ``summary.json``, drops the scratch owner file, seals the folder, checks ``final`` is still
+    the stage's own (a file may have been put there while it ran) and swaps it in."""
+    storage.write_text(storage.join(staging, "config.yaml"), config_yaml)
+    storage.write_text(storage.join(staging, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    storage.delete_tree(storage.join(staging, scratch.OWNER))
     mark_owned(staging, stage, sealed=True)
     check_owned(final, stage)
     storage.delete_tree(final)

@@ -168,8 +168,7 @@ def _summary(
 
 def _publish(config: Config, summary: dict[str, Any], staging: str) -> None:
     """Completes the staging folder and moves it into place, replacing the last run's."""
-    texts = {"config.yaml": to_yaml(config), "summary.json": json.dumps(summary, indent=2) + "\n"}
-    outputs.publish(staging, config.predict.output, STAGE, texts, scratch.OWNER)
+    outputs.publish(staging, config.predict.output, STAGE, to_yaml(config), summary)
 
 
 def _print_summary(summary: dict[str, Any], final: str) -> None:

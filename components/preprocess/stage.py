@@ -213,8 +213,7 @@ def _publish(config: Config, summary: dict[str, Any], work: _Workspace) -> None:
     if summary["status"] != "ok":
         for name in ("transform_fn", "transformed_metadata", *SPLITS):
             storage.delete_tree(storage.join(work.staging, name))
-    texts = {"config.yaml": to_yaml(config), "summary.json": json.dumps(summary, indent=2) + "\n"}
-    outputs.publish(work.staging, work.final, STAGE, texts, scratch.OWNER)
+    outputs.publish(work.staging, work.final, STAGE, to_yaml(config), summary)
 
 
 def _summary(
