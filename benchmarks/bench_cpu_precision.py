@@ -41,6 +41,7 @@ Usage, from the repository root: python -m benchmarks.bench_cpu_precision
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -286,7 +287,7 @@ def main() -> None:
         say(f"{row(entry)}  ({time.perf_counter() - t0:.0f} s)")
     result = {
         "benchmark": "cpu_precision",
-        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), **features.to_dict()},
+        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), **dataclasses.asdict(features)},
         "batch": args.batch,
         "rounds": args.rounds,
         "steps": args.steps,

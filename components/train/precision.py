@@ -52,9 +52,6 @@ class CpuFeatures:
         units = [name for name, on in (("AMX", self.amx_bf16), ("AVX-512 BF16", self.avx512_bf16)) if on]
         return (", ".join(units) or "no bfloat16 units") + ("" if self.onednn else ", oneDNN off")
 
-    def to_dict(self) -> dict[str, bool]:
-        return {"amx_bf16": self.amx_bf16, "avx512_bf16": self.avx512_bf16, "onednn": self.onednn}
-
 
 def cpu_features(cpuinfo: str | None = None, environ: Mapping[str, str] | None = None) -> CpuFeatures:
     """This machine's :class:`CpuFeatures` (from ``cpuinfo``, the text of /proc/cpuinfo, when
@@ -85,10 +82,6 @@ class Precision:
 
     policy: str
     reason: str
-
-    @property
-    def mixed(self) -> bool:
-        return self.policy != FLOAT32
 
 
 def choose(setting: str, device: str, backbone: str, cpu: CpuFeatures) -> Precision:
