@@ -49,14 +49,19 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import add_work_options, paired, work_folder, write_result
+from benchmarks.common import (
+    ROOT,
+    StageFailed,
+    add_work_options,
+    finetune,
+    mobilenet_v2_alpha,
+    paired,
+    say,
+    work_folder,
+    write_result,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICIES = ("float32", "mixed_bfloat16")
-
-
-def say(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -137,38 +142,32 @@ def summarize(name: str, size: int, measured: dict, pays: float, table_says: boo
 
 def accuracy(args: argparse.Namespace, work: str) -> dict:
     """float32 against bfloat16 training on the same beans TFRecords, through the CLI."""
-    import re
     import shutil
 
-    match = re.search(r"_(\d\.\d+)_\d+_no_top", os.path.basename(args.weights))
-    if not match:
-        raise SystemExit(
-            f"--weights {args.weights}: expected a MobileNetV2 '..._<alpha>_<size>_no_top.h5' file"
-        )
+    alpha = mobilenet_v2_alpha(args.weights)
     common = [
         "--config", os.path.join(ROOT, "configs", "beans.yaml"),
         "--set", f"data.source={os.path.abspath(args.beans)}",
-        "--set", "model.backbone=mobilenet_v2", "--set", f"model.alpha={match.group(1)}",
+        "--set", "model.backbone=mobilenet_v2", "--set", f"model.alpha={alpha}",
         "--set", f"model.weights={os.path.abspath(args.weights)}",
     ]  # fmt: skip
-    finetune = [sys.executable, "-m", "pipeline.cli"]
 
-    def call(*argv: str) -> None:
-        say(" ".join(argv[:2]) + " ...")
-        done = subprocess.run([*finetune, *argv], capture_output=True, text=True, check=False)
-        if done.returncode != 0:  # a candidate the gate does not bless exits 0 too
-            raise SystemExit(f"finetune {' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    def call(command: str, options: list[str], run_dir: str) -> None:
+        try:
+            finetune(command, options, os.path.join(run_dir, "logs"))
+        except StageFailed as e:
+            raise SystemExit(str(e)) from None
 
     first = os.path.join(work, "float32")
-    call("preprocess", *common, "--set", f"run_dir={first}")
+    call("preprocess", [*common, "--set", f"run_dir={first}"], first)
     runs = {}
     for setting, name in (("false", "float32"), ("true", "bfloat16")):
         run_dir = os.path.join(work, name)
         if run_dir != first:
             shutil.copytree(os.path.join(first, "preprocess"), os.path.join(run_dir, "preprocess"))
         options = [*common, "--set", f"run_dir={run_dir}", "--set", f"train.mixed_precision={setting}"]
-        call("train", *options)
-        call("evaluate", *options)
+        call("train", options, run_dir)
+        call("evaluate", options, run_dir)
         train = json.load(open(os.path.join(run_dir, "train", "summary.json")))
         verdict = json.load(open(os.path.join(run_dir, "evaluate", "verdict.json")))
         candidate = train["candidate"]
@@ -192,7 +191,7 @@ def accuracy(args: argparse.Namespace, work: str) -> dict:
     difference = bf16["candidate_test_accuracy"] - p
     return {
         "benchmark": "cpu_precision_accuracy",
-        "backbone": f"mobilenet_v2 alpha {match.group(1)}, ImageNet weights, 224 px, configs/beans.yaml",
+        "backbone": f"mobilenet_v2 alpha {alpha}, ImageNet weights, 224 px, configs/beans.yaml",
         "runs": runs,
         "candidate_accuracy_difference": round(difference, 4),
         "test_noise_two_standard_errors": round(noise, 4),

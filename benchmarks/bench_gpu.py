@@ -80,9 +80,17 @@ import threading
 import time
 from typing import Any
 
-from benchmarks.common import add_work_options, work_folder, write_result
+from benchmarks.common import (
+    ROOT,
+    StageFailed,
+    add_work_options,
+    finetune,
+    mobilenet_v2_alpha,
+    say,
+    work_folder,
+    write_result,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEANS_CONFIG = os.path.join(ROOT, "configs", "beans.yaml")
 POLICIES = ("float32", "mixed_float16")
 RESNET_TARGET = 2400.0  # images/s per GPU, ResNet50 mixed_float16 + XLA, synthetic, one H100
@@ -112,10 +120,6 @@ SMOKE = {
     "profile_steps": 2,
     "budget": 600.0,
 }
-
-
-def say(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def label(backbone: str, alpha: float | None) -> str:
@@ -525,30 +529,6 @@ def run_child(spec: dict[str, Any], timeout: float, work: str) -> dict[str, Any]
     return {"error": f"{why}: " + "".join(tail)[-3000:]}
 
 
-class StageFailed(Exception):
-    """A ``finetune`` subprocess exited non-zero (its output's end in the message)."""
-
-
-def finetune(command: str, options: list[str], work: str) -> float:
-    """``python -m pipeline.cli <command>`` (its output in ``<work>/<command>.log``); seconds."""
-    say(f"finetune {command} ...")
-    started = time.perf_counter()
-    with open(os.path.join(work, f"{command}.log"), "w") as log:
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", command, *options],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            check=False,
-        )
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:  # a candidate the gate does not bless exits 0 too
-        text = open(os.path.join(work, f"{command}.log")).read()
-        raise StageFailed(f"finetune {command} failed (exit code {done.returncode}):\n{text[-3000:]}")
-    say(f"finetune {command}: {seconds:.1f} s")
-    return seconds
-
-
 def stage_result(run_dir: str, seconds: dict[str, float]) -> dict[str, Any]:
     """Section 3 from the stage's own files."""
     train = os.path.join(run_dir, "train")
@@ -789,15 +769,12 @@ def run(args: argparse.Namespace, s: dict[str, Any], work: str, gpu_names: list[
         ]  # fmt: skip
     else:
         source = os.path.abspath(args.beans)
-        match = re.search(r"_(\d\.\d+)_\d+_no_top", os.path.basename(args.weights))
-        if not match or not os.path.exists(args.weights):
-            raise SystemExit(
-                f"--weights {args.weights}: expected a MobileNetV2 '..._<alpha>_<size>_no_top.h5' file"
-            )
+        alpha, weights = mobilenet_v2_alpha(args.weights), os.path.abspath(args.weights)
         stage_sets = [
-            f"model.alpha={match.group(1)}", f"model.weights={os.path.abspath(args.weights)}",
+            f"model.alpha={alpha}",
+            f"model.weights={weights}",
             f"model.image_size={s['image_size']}",
-        ]  # fmt: skip
+        ]
     base = [f"data.source={source}", f"run_dir={run_dir}"]
     options = ["--config", BEANS_CONFIG]
     for setting in [*base, "model.backbone=mobilenet_v2", *stage_sets]:

@@ -7,11 +7,22 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def say(message: str) -> None:
+    """A progress line on stderr (stdout carries the JSON result)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def write_result(path: str, result: dict[str, Any]) -> None:
@@ -62,3 +73,47 @@ def paired(
         keys[2]: round(statistics.median(ratios), 3),
         "ratios": [round(x, 3) for x in ratios],
     }
+
+
+def mobilenet_v2_alpha(weights: str) -> str:
+    """The width of a Keras MobileNetV2 ImageNet weights file, from its name
+    (``..._<alpha>_<size>_no_top.h5``), for ``--set model.alpha=``.
+
+    Raises:
+        SystemExit: the name is not of that form, or the file is missing.
+    """
+    match = re.search(r"_(\d\.\d+)_\d+_no_top", os.path.basename(weights))
+    if not match or not os.path.exists(weights):
+        raise SystemExit(f"--weights {weights}: expected a MobileNetV2 '..._<alpha>_<size>_no_top.h5' file")
+    return match.group(1)
+
+
+class StageFailed(Exception):
+    """A ``finetune`` subprocess exited non-zero (its output's end in the message)."""
+
+
+def finetune(command: str, options: list[str], log_dir: str) -> float:
+    """``python -m pipeline.cli <command> <options>`` (what ``finetune`` runs), its output in
+    ``<log_dir>/<command>.log``; returns its seconds.
+
+    Raises:
+        StageFailed: it exited non-zero (a candidate the gate does not bless exits 0 too).
+    """
+    say(f"finetune {command} ...")
+    log_path = os.path.join(log_dir, f"{command}.log")
+    os.makedirs(log_dir, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", command, *options],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            check=False,
+        )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        text = open(log_path).read()
+        raise StageFailed(f"finetune {command} failed (exit code {done.returncode}):\n{text[-3000:]}")
+    say(f"finetune {command}: {seconds:.1f} s")
+    return seconds
