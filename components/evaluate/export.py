@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from components.core import scratch, storage
+from components.evaluate.decode import decode_images
 from components.preprocess import schema
 
 SAVED_MODEL_PB = "saved_model.pb"
@@ -39,24 +40,6 @@ EXTRA = "assets.extra"
 LABELS_FILE = "labels.txt"
 SERVING_DEFAULT = "serving_default"
 SERVING_EXAMPLES = "serving_examples"
-
-
-def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """One encoded image -> float32 RGB 0-255 at ``image_size`` (as the trainer reads it).
-
-    Images already at the size are not resampled, so the preprocessing stage's own JPEGs
-    give exactly the trainer's pixels.
-    """
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image = tf.cast(image, tf.float32)
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
-    same = tf.logical_and(tf.equal(height, image_size), tf.equal(width, image_size))
-    image = tf.cond(
-        same,
-        lambda: image,
-        lambda: tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True),
-    )
-    return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
 class ServingModule(tf.Module):
@@ -85,9 +68,7 @@ class ServingModule(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        spec = tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32)
-        pixels = tf.map_fn(lambda e: decode_image(e, self.image_size), images, fn_output_signature=spec)
-        return self._outputs(pixels)
+        return self._outputs(decode_images(images, self.image_size))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
     def serve_examples(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -1,0 +1,231 @@
+"""The serving graph's image decoding: the preprocessing stage's rules, as TensorFlow ops.
+
+The model is trained on what :func:`components.preprocess.images.process_image` (Pillow) made
+of each file, and served on what :func:`decode_images` makes of the same bytes inside the
+SavedModel, where no Python runs (TF Serving, Beam's RunInference, a client's
+``tf.saved_model.load``). So the graph applies the preprocessing stage's rules:
+
+* **EXIF orientation** (tag 0x0112, as Pillow's ``ImageOps.exif_transpose``), read from a
+  JPEG's first ``APP1 Exif`` segment or a PNG's ``eXIf`` chunk. A phone photo held upright
+  is stored sideways with orientation 6; without this rule the server sees it sideways.
+* **Transparency composited on white**, for PNGs with an alpha channel or a ``tRNS`` chunk
+  (RGBA, gray + alpha, palette). ``channels=3`` would drop the alpha and keep whatever color
+  the see-through pixels hold, often black. A 32-bit BMP's fourth byte is not alpha.
+* Gray becomes RGB, 16-bit becomes 8-bit, a GIF's first frame is used, and the image is
+  resized to the trained size with bilinear antialiasing (Pillow's ``BILINEAR`` resize).
+
+The orientation is read with string ops that touch only the headers (a JPEG's segment
+headers up to the image data, a PNG's chunk headers up to its first ``IDAT``), for the whole
+batch at once. A header that is truncated or makes no sense reads as orientation 1
+(upright). What the graph does not read, and Pillow does: an orientation found only in XMP
+metadata, an ``eXIf`` chunk after a PNG's image data, and a GIF's transparent color
+(TensorFlow's GIF decoder makes it black). ``tests/test_serving_decode.py`` pins both the
+agreements and these differences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+ORIENTATION_TAG = 0x0112
+_JPEG_SOI = (0xFF, 0xD8)
+_PNG_SIGNATURE = (0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A)
+_EXIF_HEADER = tuple(b"Exif\0\0")
+# Bounds on the header walk (a hostile file cannot make it long): Pillow-written and camera
+# JPEGs hold fewer than 20 segments before the scan, PNGs a handful of chunks before IDAT.
+_MAX_SEGMENTS = 256
+_MAX_IFD_ENTRIES = 512
+_SHORT, _LONG = 3, 4  # TIFF field types an orientation may be stored as
+
+
+def _read(encoded: tf.Tensor, position: tf.Tensor, length: int) -> tf.Tensor:
+    """``length`` bytes of each of ``encoded`` ([batch] strings) from its ``position``
+    ([batch] int64), as int32 [batch, length]; zeros past the end."""
+    size = tf.cast(tf.strings.length(encoded), tf.int64)
+    start = tf.clip_by_value(position, 0, size)
+    window = tf.strings.substr(encoded, start, tf.fill(tf.shape(start), tf.constant(length, tf.int64)))
+    return tf.cast(tf.io.decode_raw(window, tf.uint8, fixed_length=length), tf.int32)
+
+
+def _matches(values: tf.Tensor, expected: tuple[int, ...]) -> tf.Tensor:
+    """Whether each row of ``values`` [batch, n] starts with ``expected``: [batch] bool."""
+    return tf.reduce_all(tf.equal(values[:, : len(expected)], tf.constant(expected, tf.int32)), axis=1)
+
+
+def _unsigned(values: tf.Tensor, little: tf.Tensor | bool = False) -> tf.Tensor:
+    """The unsigned integers of each row's bytes (int64: a u32 does not fit int32),
+    little-endian where ``little`` ([batch] bool) is true, else big-endian."""
+    weights = tf.constant([256**i for i in range(values.shape[-1])], tf.int64)
+    wide = tf.cast(values, tf.int64)
+    as_little = tf.reduce_sum(wide * weights, axis=-1)
+    as_big = tf.reduce_sum(wide * tf.reverse(weights, [0]), axis=-1)
+    return tf.where(little, as_little, as_big)
+
+
+def _walk(
+    encoded: tf.Tensor, first: int, active: tf.Tensor, step: Callable[..., tuple[tf.Tensor, ...]]
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Walks a file's segment headers from byte ``first`` while ``active``, all images of
+    the batch at once (the loop runs as long as the longest walk, at most _MAX_SEGMENTS).
+
+    ``step(position, head)`` gets each image's 14 bytes at its position and returns
+    ``(next position, go on, found, start, end)``; the walk of an image stops when it goes
+    no further or finds the EXIF data's ``start`` and ``end``. Returns them, -1 where none.
+    """
+    size = tf.cast(tf.strings.length(encoded), tf.int64)
+    none = tf.fill(tf.shape(encoded), tf.constant(-1, tf.int64))
+    position = tf.fill(tf.shape(encoded), tf.constant(first, tf.int64))
+
+    def body(position, active, start, end):
+        after, go_on, found, found_start, found_end = step(position, _read(encoded, position, 14))
+        start = tf.where(active & found, found_start, start)
+        end = tf.where(active & found, found_end, end)
+        active = active & go_on & tf.logical_not(found) & (after + 8 <= size)
+        return tf.where(active, after, position), active, start, end
+
+    _, _, start, end = tf.while_loop(
+        lambda position, active, start, end: tf.reduce_any(active),
+        body,
+        (position, active & (position + 8 <= size), none, none),
+        maximum_iterations=_MAX_SEGMENTS,
+    )
+    return start, end
+
+
+def _jpeg_step(position: tf.Tensor, head: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """One JPEG segment: the first ``APP1`` starting ``Exif\\0\\0`` holds the TIFF data. The
+    walk ends at the start of scan or the end of image, or at a byte that is not a marker; a
+    0xFF fill byte before a marker is skipped, as Pillow's JPEG reader does."""
+    marker, length = head[:, 1], _unsigned(head[:, 2:4])
+    go_on = tf.equal(head[:, 0], 0xFF) & tf.not_equal(marker, 0xD9) & tf.not_equal(marker, 0xDA)
+    found = go_on & tf.equal(marker, 0xE1) & _matches(head[:, 4:], _EXIF_HEADER)
+    fill = tf.equal(marker, 0xFF)
+    after = tf.where(fill, position + 1, position + 2 + length)
+    return after, go_on, found, position + 10, position + 2 + length
+
+
+def _png_step(position: tf.Tensor, head: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """One PNG chunk, up to the first ``IDAT``: an ``eXIf`` chunk holds the TIFF data (a
+    leading ``Exif\\0\\0`` in it is skipped, as Pillow does)."""
+    length = _unsigned(head[:, :4])
+    go_on = tf.logical_not(_matches(head[:, 4:8], tuple(b"IDAT")))
+    found = go_on & _matches(head[:, 4:8], tuple(b"eXIf"))
+    prefixed = _matches(head[:, 8:], _EXIF_HEADER)
+    start = position + tf.where(prefixed, tf.constant(14, tf.int64), 8)
+    return position + 12 + length, go_on, found, start, position + 8 + length
+
+
+def _tiff_orientation(encoded: tf.Tensor, start: tf.Tensor, end: tf.Tensor) -> tf.Tensor:
+    """The orientation tag of the TIFF structure in ``encoded[start:end]`` (its first IFD):
+    1 where it is missing, not a SHORT or LONG held in the entry, outside 1-8, or past ``end``."""
+    header = _read(encoded, start, 8)
+    little = _matches(header, tuple(b"II*\0"))
+    valid = (start >= 0) & (little | _matches(header, tuple(b"MM\0*")))
+    ifd = start + _unsigned(header[:, 4:8], little)
+    count = _unsigned(_read(encoded, ifd, 2), little)
+    # Entries past the segment are not read (Pillow reads the segment alone).
+    entries = tf.minimum(tf.minimum(count, tf.maximum((end - ifd - 2) // 12, 0)), _MAX_IFD_ENTRIES)
+    table = tf.reshape(_read(encoded, ifd + 2, 12 * _MAX_IFD_ENTRIES), [-1, _MAX_IFD_ENTRIES, 12])
+    little_table = tf.tile(little[:, None], [1, _MAX_IFD_ENTRIES])
+    tag, kind = _unsigned(table[..., 0:2], little_table), _unsigned(table[..., 2:4], little_table)
+    count_of_values = _unsigned(table[..., 4:8], little_table)
+    short, long = _unsigned(table[..., 8:10], little_table), _unsigned(table[..., 8:12], little_table)
+    value = tf.where(tf.equal(kind, _SHORT), short, long)
+    # One value held in the entry itself; of two SHORTs there, Pillow takes the first.
+    inline = (tf.equal(kind, _SHORT) & (count_of_values >= 1) & (count_of_values <= 2)) | (
+        tf.equal(kind, _LONG) & tf.equal(count_of_values, 1)
+    )
+    index = tf.range(_MAX_IFD_ENTRIES, dtype=tf.int64)[None, :]
+    usable = (index < entries[:, None]) & tf.equal(tag, ORIENTATION_TAG) & inline
+    # The last such entry wins, as in Pillow's tag dictionary.
+    last = tf.reduce_max(tf.where(usable, index, tf.constant(-1, tf.int64)), axis=1)
+    orientation = tf.gather(value, tf.maximum(last, 0), batch_dims=1)
+    in_range = valid & (last >= 0) & (orientation >= 1) & (orientation <= 8)
+    return tf.cast(tf.where(in_range, orientation, tf.constant(1, tf.int64)), tf.int32)
+
+
+def exif_orientations(encoded: tf.Tensor) -> tf.Tensor:
+    """The EXIF orientation (1-8, int32) of each of a batch of encoded images ([batch]
+    strings): 1 for formats other than JPEG and PNG, for images without one, and for metadata
+    that cannot be read. The whole batch is parsed at once: per image, the many small ops of
+    a header walk would cost more than decoding it."""
+    encoded = tf.convert_to_tensor(encoded, tf.string)
+    head = _read(encoded, tf.zeros(tf.shape(encoded), tf.int64), 8)
+    jpeg_start, jpeg_end = _walk(encoded, 2, _matches(head, _JPEG_SOI), _jpeg_step)
+    png_start, png_end = _walk(encoded, 8, _matches(head, _PNG_SIGNATURE), _png_step)
+    jpeg = jpeg_start >= 0
+    return _tiff_orientation(
+        encoded, tf.where(jpeg, jpeg_start, png_start), tf.where(jpeg, jpeg_end, png_end)
+    )
+
+
+def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """Turns ``image`` (height x width x channels) upright for an EXIF orientation, the way
+    Pillow's ``exif_transpose`` does (2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate
+    90 clockwise, 7 transverse, 8 rotate 90 counterclockwise).
+
+    Each of the eight is a transpose (5-8) followed by a left-right mirror (2, 3, 6, 7) and an
+    up-down flip (3, 4, 7, 8): one ``tf.transpose`` and one ``tf.reverse`` with computed
+    arguments, no branches (an eight-way ``tf.switch_case`` here, inside the serving graph's
+    ``map_fn``, cost a millisecond an image).
+    """
+    transposed = orientation >= 5
+    mirrored = tf.reduce_any(tf.equal(orientation, [2, 3, 6, 7]))
+    flipped = tf.reduce_any(tf.equal(orientation, [3, 4, 7, 8]))
+    image = tf.transpose(image, tf.where(transposed, [1, 0, 2], [0, 1, 2]))
+    return tf.reverse(image, tf.boolean_mask([0, 1], tf.stack([flipped, mirrored])))
+
+
+def to_rgb(image: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
+    """Decoded uint8 pixels with 1-4 channels -> float32 RGB 0-255, as the preprocessing
+    stage's ``_to_rgb``: transparency (the last channel of 2 or 4) is composited on white
+    where ``alpha`` is true, and dropped where it is false."""
+    pixels = tf.cast(image, tf.float32)
+    channels = tf.shape(pixels)[-1]
+    pixels = tf.cond(tf.logical_not(alpha) & tf.equal(channels, 4), lambda: pixels[..., :3], lambda: pixels)
+    channels = tf.shape(pixels)[-1]
+
+    def on_white() -> tf.Tensor:
+        alpha = pixels[..., -1:] / 255.0
+        return pixels[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+
+    color = tf.cond(tf.equal(channels % 2, 0), on_white, lambda: pixels)
+    color = tf.cond(tf.equal(tf.shape(color)[-1], 1), lambda: tf.tile(color, [1, 1, 3]), lambda: color)
+    return tf.ensure_shape(color, [None, None, 3])
+
+
+def decode_image(encoded: tf.Tensor, orientation: tf.Tensor, image_size: int) -> tf.Tensor:
+    """One encoded image and its EXIF orientation -> float32 RGB 0-255 at ``image_size``,
+    upright (as the trainer reads it).
+
+    Images already at the size are not resampled, so the preprocessing stage's own JPEGs
+    (no metadata, no alpha) give exactly the trainer's pixels. The orientation is applied
+    after resizing: to a square, resizing and the eight orientations commute, and the
+    smaller image is cheaper to turn.
+    """
+    # A 32-bit BMP's fourth byte is unused in the common (BI_RGB) layout, and Pillow ignores
+    # it; TensorFlow would return it as alpha, so a BMP's is dropped.
+    bmp = tf.equal(tf.strings.substr(encoded, 0, 2), "BM")
+    image = to_rgb(tf.io.decode_image(encoded, channels=0, expand_animations=False), tf.logical_not(bmp))
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    same = tf.logical_and(tf.equal(height, image_size), tf.equal(width, image_size))
+    image = tf.cond(
+        same,
+        lambda: image,
+        lambda: tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True),
+    )
+    return tf.ensure_shape(orient(image, orientation), [image_size, image_size, 3])
+
+
+def decode_images(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """A batch of encoded images ([batch] strings) -> float32 [batch, size, size, 3]: what
+    the serving signatures feed the model."""
+    orientations = exif_orientations(encoded)
+    spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
+    return tf.map_fn(
+        lambda pair: decode_image(pair[0], pair[1], image_size),
+        (encoded, orientations),
+        fn_output_signature=spec,
+    )
