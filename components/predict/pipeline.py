@@ -145,6 +145,14 @@ class SavedModelHandler(ModelHandler):
 
         from components.evaluate.export import load_saved_model
 
+        # Worker processes on one machine share its GPUs (the local runner's num_workers,
+        # Dataflow's SDK processes): without memory growth the first to load takes nearly all
+        # of a GPU's memory and the next fails with out-of-memory.
+        for gpu in tf.config.list_physical_devices("GPU"):
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:  # the GPU is in use in this process already: it stays as it is
+                pass
         if self._model_threads:
             try:
                 tf.config.threading.set_intra_op_parallelism_threads(self._model_threads)
