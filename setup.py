@@ -1,10 +1,25 @@
 """Installable package: `pip install .` (or the wheel, or the image) gives the `finetune` command."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
+# A Markdown link into the source tree: not a URL, not an anchor of the page itself.
+RELATIVE_LINK = re.compile(r"\[([^\]]+)\]\((?![a-z]+://|#|mailto:)([^)\s]+)\)")
+
+
+def long_description() -> str:
+    """The README for the package index, where its links into the source tree (docs/, k8s/)
+    would point nowhere: each becomes the path as code, which a reader finds in the source."""
+
+    def plain(link: re.Match) -> str:
+        text, target = link.group(1), link.group(2)
+        return f"`{target}`" if text.strip("`") == target.split("#")[0] else f"{text} (`{target}`)"
+
+    return RELATIVE_LINK.sub(plain, (HERE / "README.md").read_text(encoding="utf-8"))
+
 
 setup(
     name="finetune-pipeline",
@@ -14,7 +29,7 @@ setup(
         "Beam + tf.Transform preprocessing, tf.distribute fine-tuning, a gated export "
         "and a versioned serving registry."
     ),
-    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description=long_description(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     license_files=["LICENSE"],

@@ -72,7 +72,11 @@ def test_the_wheel_carries_every_module_the_template_and_the_metadata(wheel):
     assert metadata["License"] == "Apache-2.0" and metadata["Requires-Python"] == ">=3.11,<3.12"
     assert metadata["Description-Content-Type"] == "text/markdown"
     readme_title = (ROOT / "README.md").read_text().splitlines()[0]
-    assert readme_title in metadata.get_payload()  # the README is the long description
+    description = metadata.get_payload()
+    assert readme_title in description  # the README is the long description
+    # with its links into the source tree as paths (on the package index they point nowhere)
+    assert "(docs/" not in description and "`docs/stages.md#predict`" in description
+    assert "`docs/configuration.md`: every configuration key" in description
     classifiers = metadata.get_all("Classifier")
     assert "Programming Language :: Python :: 3.11" in classifiers
     assert "Topic :: Scientific/Engineering :: Image Recognition" in classifiers
