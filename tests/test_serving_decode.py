@@ -205,6 +205,27 @@ def test_served_pixels_match_the_trained_pixels_in_every_orientation(fmt, orient
         assert _mean_difference(data, stored) > DIFFERENT
 
 
+@pytest.mark.parametrize("width", [SIZE - 1, SIZE, SIZE * 2 - 1, SIZE * 2, SIZE * 4 + 3, SIZE * 8, SIZE * 20])
+def test_large_jpegs_are_decoded_at_the_dct_scale_pillows_draft_picks(width):
+    """Pillow's ``draft`` (the preprocessing stage) decodes a large JPEG at 1/2, 1/4 or 1/8
+    scale; the graph must pick the same scale: the same decoded size, for either side the
+    shorter. (Its speed is in the prediction benchmark.)"""
+    from components.evaluate.decode import _decode_jpeg
+
+    for size in [(width, SIZE * 3), (SIZE * 3, width)]:
+        data = _encode(_scene(*size), "JPEG", quality=92)
+        pillow = Image.open(io.BytesIO(data))
+        pillow.draft("RGB", (SIZE, SIZE))
+        decoded = _decode_jpeg(tf.constant(data), SIZE).shape
+        assert (decoded[1], decoded[0]) == pillow.size
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_a_large_jpeg_serves_the_trained_pixels(mode):
+    data = _encode(_scene(SIZE * 9, SIZE * 7).convert(mode), "JPEG", quality=92)
+    assert _mean_difference(data, _served(data)) < SAME
+
+
 def _half_transparent(mode: str) -> bytes:
     image = _scene().convert("RGBA")
     alpha = np.zeros((60, 90), np.uint8)

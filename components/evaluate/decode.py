@@ -240,6 +240,17 @@ def to_rgb(image: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(color, [None, None, 3])
 
 
+def _decode_jpeg(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """A JPEG decoded at the DCT scale the preprocessing stage's Pillow ``draft`` picks: the
+    largest of 1/8, 1/4, 1/2 that keeps both sides at least ``image_size``. libjpeg then skips
+    most of the work for a large photo, and the pixels are those Pillow resized from."""
+    shape = tf.io.extract_jpeg_shape(encoded)
+    scale = tf.minimum(shape[0], shape[1]) // image_size
+    branch = tf.where(scale >= 8, 0, tf.where(scale >= 4, 1, tf.where(scale >= 2, 2, 3)))
+    decoders = [lambda r=ratio: tf.io.decode_jpeg(encoded, channels=3, ratio=r) for ratio in (8, 4, 2, 1)]
+    return tf.switch_case(branch, decoders)
+
+
 def decode_image(encoded: tf.Tensor, orientation: tf.Tensor, image_size: int) -> tf.Tensor:
     """One encoded image and its EXIF orientation -> float32 RGB 0-255 at ``image_size``,
     upright (as the trainer reads it).
@@ -252,7 +263,12 @@ def decode_image(encoded: tf.Tensor, orientation: tf.Tensor, image_size: int) ->
     # A 32-bit BMP's fourth byte is unused in the common (BI_RGB) layout, and Pillow ignores
     # it; TensorFlow would return it as alpha, so a BMP's is dropped.
     bmp = tf.equal(tf.strings.substr(encoded, 0, 2), "BM")
-    image = to_rgb(tf.io.decode_image(encoded, channels=0, expand_animations=False), tf.logical_not(bmp))
+    image = tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: _decode_jpeg(encoded, image_size),
+        lambda: tf.io.decode_image(encoded, channels=0, expand_animations=False),
+    )
+    image = to_rgb(image, tf.logical_not(bmp))
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     same = tf.logical_and(tf.equal(height, image_size), tf.equal(width, image_size))
     image = tf.cond(
