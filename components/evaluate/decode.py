@@ -11,6 +11,9 @@ SavedModel, where no Python runs (TF Serving, Beam's RunInference, a client's
 * **Transparency composited on white**, for PNGs with an alpha channel or a ``tRNS`` chunk
   (RGBA, gray + alpha, palette). ``channels=3`` would drop the alpha and keep whatever color
   the see-through pixels hold, often black. A 32-bit BMP's fourth byte is not alpha.
+* **A large JPEG is decoded at a reduced DCT scale** (1/2, 1/4 or 1/8), the one Pillow's
+  ``draft`` picks in preprocessing: the same pixels to resize from, and a fraction of the
+  decoding work.
 * Gray becomes RGB, 16-bit becomes 8-bit, a GIF's first frame is used, and the image is
   resized to the trained size with bilinear antialiasing (Pillow's ``BILINEAR`` resize).
 
