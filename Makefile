@@ -70,6 +70,7 @@ bench: install
 	$(PY) -m benchmarks.bench_cpu_precision
 	$(PY) -m benchmarks.bench_scale --data $(BENCH_DATA)
 	$(PY) -m benchmarks.bench_predict --data $(BENCH_DATA) --weights $(BENCH_WEIGHTS)
+	$(PY) -m benchmarks.bench_decode --data $(BENCH_DATA)
 
 # On a machine with a GPU only (it exits 2 where TensorFlow sees none; `--smoke` runs it on a
 # CPU, as tests/test_bench_gpu.py does): docs/performance.md#gpu.
