@@ -39,7 +39,7 @@ DOES_NOT_PAY = [name for name, b in BACKBONES.items() if not b.cpu_bfloat16]
 
 def test_the_table_marks_some_backbones_and_not_others():
     # The measurement (benchmarks/bench_cpu_precision.py, docs/performance.md): the dense
-    # convolution backbones gain on AMX, the depthwise ones lose.
+    # convolution backbones gain on AMX and on AVX-512 BF16, the depthwise ones lose.
     assert {"resnet50", "vgg16"} <= set(PAYS)
     assert {"mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"} <= set(DOES_NOT_PAY)
 
@@ -64,12 +64,14 @@ def test_the_docs_backbone_table_says_what_the_table_does():
         ("false", "gpu", "resnet50", AMX, FLOAT32, "false"),
         ("false", "cpu", "resnet50", AMX, FLOAT32, "false"),
         ("off", "tpu", "resnet50", AMX, FLOAT32, "false"),
-        ("auto", "cpu", "resnet50", AMX, MIXED_BFLOAT16, "resnet50 on a CPU with AMX"),
+        ("auto", "cpu", "resnet50", AMX, MIXED_BFLOAT16, "resnet50 on a CPU with AMX, AVX-512 BF16"),
         ("auto", "cpu", "vgg16", AMX, MIXED_BFLOAT16, "vgg16 on a CPU with AMX"),
+        ("auto", "cpu", "vgg16", AVX512_ONLY, MIXED_BFLOAT16, "vgg16 on a CPU with AVX-512 BF16,"),
         ("auto", "cpu", "mobilenet_v2", AMX, FLOAT32, "does not pay for mobilenet_v2"),
         ("auto", "cpu", "efficientnet_b0", AMX, FLOAT32, "does not pay for efficientnet_b0"),
-        ("auto", "cpu", "resnet50", AVX512_ONLY, FLOAT32, "without AMX (AVX-512 BF16)"),
-        ("auto", "cpu", "resnet50", PLAIN, FLOAT32, "without AMX (no bfloat16 units)"),
+        ("auto", "cpu", "resnet50", AVX512_ONLY, MIXED_BFLOAT16, "resnet50 on a CPU with AVX-512 BF16"),
+        ("auto", "cpu", "mobilenet_v2", AVX512_ONLY, FLOAT32, "does not pay for mobilenet_v2"),
+        ("auto", "cpu", "resnet50", PLAIN, FLOAT32, "without bfloat16 units (no bfloat16 units)"),
         ("auto", "cpu", "resnet50", AMX_NO_ONEDNN, FLOAT32, "oneDNN off"),
         ("true", "cpu", "mobilenet_v2", AMX, MIXED_BFLOAT16, "true, on CPU"),
         ("on", "cpu", "resnet50", PLAIN, MIXED_BFLOAT16, "slow here: this CPU has no bfloat16 units"),
@@ -84,9 +86,10 @@ def test_the_policy_is_a_function_of_setting_device_backbone_and_cpu(
 
 
 @pytest.mark.parametrize("name", PAYS)
-def test_every_backbone_the_table_marks_gets_bfloat16_on_amx_only(name):
-    assert choose("auto", "cpu", name, AMX).policy == MIXED_BFLOAT16
-    for cpu in (AVX512_ONLY, PLAIN, AMX_NO_ONEDNN):
+def test_every_backbone_the_table_marks_gets_bfloat16_on_bfloat16_units_only(name):
+    for cpu in (AMX, AVX512_ONLY):
+        assert choose("auto", "cpu", name, cpu).policy == MIXED_BFLOAT16
+    for cpu in (PLAIN, AMX_NO_ONEDNN):
         assert choose("auto", "cpu", name, cpu).policy == FLOAT32
 
 

@@ -38,7 +38,8 @@ class TrainConfig:
     empty for the backbone's default, a fraction of the backbone's layers counted from the
     top, or the name of the first layer to train. ``mixed_precision`` ``auto`` is float16
     on GPU, bfloat16 on TPU, and on CPU bfloat16 only for the backbones where it was measured
-    to pay on CPUs with AMX (components/train/precision.py), float32 otherwise; ``true`` or
+    to pay on CPUs with bfloat16 units, AMX or AVX-512 BF16 (components/train/precision.py),
+    float32 otherwise; ``true`` or
     ``false`` force it. ``xla`` is ``auto`` (on with a GPU or TPU, off on CPU), ``true`` or
     ``false``. Whatever it trains in, the stage saves float32 models.
     ``early_stopping_patience`` 0 trains every epoch; N stops after N epochs without a lower
@@ -72,7 +73,7 @@ class TrainConfig:
     mixed_precision: str = option(
         "auto",
         help="`auto` (float16 on GPU, bfloat16 on TPU; on CPU bfloat16 where the backbone gains from "
-        "it on a CPU with AMX, else float32), `true`, `false`",
+        "it on a CPU with AMX or AVX-512 BF16, else float32), `true`, `false`",
     )
     xla: str = option("auto", help="`auto` (on with GPU/TPU), `true`, `false`")
     seed: int = option(

@@ -4,9 +4,10 @@
 
 * ``auto``: ``mixed_float16`` on GPU, ``mixed_bfloat16`` on TPU; on CPU ``mixed_bfloat16``
   only where it pays: the backbone's entry says so (``Backbone.cpu_bfloat16``, measured by
-  ``benchmarks/bench_cpu_precision.py``), the CPU has AMX (``amx_bf16``, Intel Sapphire
-  Rapids and later) and oneDNN's kernels are on; ``float32`` everywhere else, including CPUs
-  with only AVX-512 BF16, where no gain was measured;
+  ``benchmarks/bench_cpu_precision.py`` on an Intel CPU with AMX and on an AMD Zen 4 with
+  AVX-512 BF16 alone, which split the backbones the same way), the CPU has bfloat16 units
+  (AMX, ``amx_bf16``: Intel Sapphire Rapids and later; or AVX-512 BF16, ``avx512_bf16``: AMD
+  Zen 4 and later, Intel Cooper Lake) and oneDNN's kernels are on; ``float32`` everywhere else;
 * ``true``: mixed precision whatever the device (``mixed_bfloat16`` on a CPU, which runs
   everywhere but is slow without AMX or AVX-512 BF16: the reason says so);
 * ``false``: ``float32``.
@@ -100,8 +101,8 @@ def choose(setting: str, device: str, backbone: str, cpu: CpuFeatures) -> Precis
         return Precision(MIXED_BFLOAT16, f"train.mixed_precision: true, on CPU{note}")
     if not get_backbone(backbone).cpu_bfloat16:
         return Precision(FLOAT32, f"auto: on CPU, bfloat16 does not pay for {backbone}")
-    if not cpu.amx_bf16:
-        return Precision(FLOAT32, f"auto: on CPU without AMX ({cpu.describe()})")
+    if not (cpu.amx_bf16 or cpu.avx512_bf16):
+        return Precision(FLOAT32, f"auto: on CPU without bfloat16 units ({cpu.describe()})")
     if not cpu.onednn:
         return Precision(FLOAT32, "auto: on CPU with oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)")
-    return Precision(MIXED_BFLOAT16, f"auto: {backbone} on a CPU with AMX, where bfloat16 pays")
+    return Precision(MIXED_BFLOAT16, f"auto: {backbone} on a CPU with {cpu.describe()}, where bfloat16 pays")
