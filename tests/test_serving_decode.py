@@ -234,12 +234,13 @@ def _half_transparent(mode: str) -> bytes:
     return _encode(image.convert(mode), "PNG")
 
 
-def _palette_with_transparent_index() -> bytes:
+def _two_color_palette(fmt: str, colors: list[int], transparent: int) -> bytes:
+    """A palette image, left half color 0 and right half color 1, one of them see-through."""
     indices = np.zeros((60, 90), np.uint8)
     indices[:, 45:] = 1
     image = Image.fromarray(indices, "P")
-    image.putpalette([20, 20, 20, 200, 40, 40] + [0] * 762)
-    return _encode(image, "PNG", transparency=0)  # the dark left half is see-through
+    image.putpalette(colors + [0] * (768 - len(colors)))
+    return _encode(image, fmt, transparency=transparent)
 
 
 @pytest.mark.parametrize(
@@ -247,7 +248,7 @@ def _palette_with_transparent_index() -> bytes:
     [
         lambda: _half_transparent("RGBA"),
         lambda: _half_transparent("LA"),
-        _palette_with_transparent_index,
+        lambda: _two_color_palette("PNG", [20, 20, 20, 200, 40, 40], 0),  # the dark left half
         lambda: _encode(_scene().convert("RGBA"), "BMP"),  # 32-bit BI_RGB: the 4th byte is not alpha
         lambda: _encode(_scene().convert("L"), "JPEG", quality=95),
         lambda: _encode(Image.fromarray(np.asarray(_scene().convert("L"), np.uint16) * 257), "PNG"),
@@ -269,14 +270,6 @@ def test_transparency_is_composited_on_white_not_dropped():
     assert dropped[:, :25].mean() < 200
 
 
-def _transparent_gif() -> bytes:
-    indices = np.zeros((60, 90), np.uint8)
-    indices[:, 45:] = 1
-    image = Image.fromarray(indices, "P")
-    image.putpalette([20, 200, 20, 200, 40, 40] + [0] * 762)
-    return _encode(image, "GIF", transparency=1)  # the red right half is see-through
-
-
 def _png_with_xmp_orientation() -> bytes:
     from PIL import PngImagePlugin
 
@@ -289,7 +282,7 @@ def _png_with_xmp_orientation() -> bytes:
 def test_the_documented_differences_still_hold():
     """decode.py's docstring names what the graph does not do as Pillow does; if TensorFlow
     or Pillow changes, this fails and the docstring and docs/stages.md need a look."""
-    gif = _transparent_gif()
+    gif = _two_color_palette("GIF", [20, 200, 20, 200, 40, 40], 1)  # the red right half is see-through
     trained, served = np.asarray(Image.open(io.BytesIO(process_image(gif, SIZE).encoded))), _served(gif)
     assert trained[:, -10:].min() > 240  # white where see-through
     assert served[:, -10:].max() < 10  # black
