@@ -1,9 +1,10 @@
 """The hermetic export: a SavedModel that takes raw image bytes, and a TFLite model.
 
 Everything a client needs lives inside the graph: decoding (JPEG, PNG, GIF's first frame,
-BMP), resizing to the trained size (bilinear with antialiasing, as the preprocessing
-stage's Pillow resize), the backbone's ``preprocess_input`` (a layer of the model) and the
-label vocabulary. Two signatures:
+BMP) and resizing to the trained size by the preprocessing stage's rules (EXIF orientation,
+transparency on white, a large JPEG's DCT scale: :mod:`components.evaluate.decode`), the
+backbone's ``preprocess_input`` (a layer of the model) and the label vocabulary. Two
+signatures:
 
 * ``serving_default``: ``images`` (a batch of encoded image bytes, tf.string) ->
   ``probabilities`` (float32, batch x classes), ``class_ids`` (int64, batch x k) and
