@@ -117,7 +117,7 @@ def baseline_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
         def eval_fn(ictx: tf.distribute.InputContext) -> tf.data.Dataset:
             batch = ictx.get_per_replica_batch_size(ctx.global_batch)
             part = (ictx.input_pipeline_id, ictx.num_input_pipelines)
-            return eval_f.dataset(batch, training=False, repeat=ctx.cluster.multi_worker, part=part)
+            return eval_f.dataset(batch, training=False, repeat=_counted_validation(ctx), part=part)
 
         history, timer = _fit(
             ctx, head, "baseline", train_fn, eval_fn if eval_f is not None else None, t.baseline_epochs
@@ -166,7 +166,7 @@ def candidate_phase(ctx: Run, clf: model.Classifier) -> dict[str, Any]:
             size,
             ictx.get_per_replica_batch_size(ctx.global_batch),
             shard=data.Shard(ictx.num_input_pipelines, ictx.input_pipeline_id),
-            repeat=ctx.cluster.multi_worker,
+            repeat=_counted_validation(ctx),
             cache=ctx.cache,
         )
 
@@ -276,7 +276,7 @@ def _fit(
     validation, validation_steps = None, None
     if eval_fn is not None:
         validation = strategy.distribute_datasets_from_function(eval_fn)
-        if ctx.cluster.multi_worker:
+        if _counted_validation(ctx):
             validation_steps = max(1, math.ceil(ctx.inputs.num_eval / ctx.global_batch))
     history = keras_model.fit(
         strategy.distribute_datasets_from_function(train_fn),
@@ -288,6 +288,14 @@ def _fit(
         verbose=ctx.verbose,
     )
     return {k: [float(v) for v in values] for k, values in history.history.items()}, timer
+
+
+def _counted_validation(ctx: Run) -> bool:
+    """Whether validation during ``fit`` runs a set number of steps over repeated eval data:
+    under every strategy but the default one. Keras refuses a distributed dataset without a
+    step count (several local GPUs, a TPU), and on several workers all must run the same
+    number of steps. The eval metrics in summary.json are exact either way (_exact_metrics)."""
+    return ctx.placement.name != "default"
 
 
 def _exact_metrics(keras_model: Any, batches: Any) -> dict[str, float]:

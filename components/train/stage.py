@@ -98,22 +98,27 @@ def _cache_line(cache: str, mib: float, budget: int) -> str:
     )
 
 
-def run(config: Config) -> dict[str, Any]:
+def run(config: Config, placement: distribute.Placement | None = None) -> dict[str, Any]:
     """Trains the baseline and the candidate; returns the summary (on every worker). The
     process's Keras dtype policy is what it was before, after (``finetune run`` evaluates in
-    the same process)."""
+    the same process).
+
+    Args:
+        placement: The strategy to train under, as TF Model Garden's ``run_experiment``
+            takes one; by default chosen from the environment (``distribute.create_strategy``).
+    """
     with model.global_policy(tf_keras.mixed_precision.global_policy().name):
-        return _run(config)
+        return _run(config, placement)
 
 
-def _run(config: Config) -> dict[str, Any]:
+def _run(config: Config, placement: distribute.Placement | None) -> dict[str, Any]:
     started = time.perf_counter()
     distribute.ensure_tf_config()  # a pod of the Indexed Job: TF_CONFIG from its index and the hosts
     cluster = distribute.parse_tf_config()
     inputs = read_inputs(config)
     if cluster.is_chief:
         outputs.check_owned(output_dir(config), STAGE)  # before any work: never delete a user's file
-    placement = distribute.create_strategy(cluster)  # before any other TensorFlow op
+    placement = placement or distribute.create_strategy(cluster)  # before any other TensorFlow op
     chosen = precision.choose(
         config.train.mixed_precision, placement.device, config.model.backbone, precision.cpu_features()
     )
