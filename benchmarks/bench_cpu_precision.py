@@ -2,11 +2,11 @@
 
 ``train.mixed_precision: auto`` trains a backbone in bfloat16 on a CPU with AMX or AVX-512
 BF16 only where its entry says bfloat16 pays there (``Backbone.cpu_bfloat16``); this
-benchmark is what that column rests on. Each backbone runs in a child process of its own, which builds the
-classifier twice through the project's own code (``model.build_classifier`` with random
-weights, ``model.unfreeze_top`` at the backbone's default layer, ``model.compile_model``),
-once under each policy, and then, in ``--rounds`` rounds whose order alternates, times on
-one fixed batch of random pixels (``--batch``):
+benchmark is what that column rests on. Each backbone runs in a child process of its own,
+which builds the classifier twice through the project's own code (``model.build_classifier``
+with random weights, ``model.unfreeze_top`` at the backbone's default layer,
+``model.compile_model``), once under each policy, and then, in ``--rounds`` rounds whose
+order alternates, times on one fixed batch of random pixels (``--batch``):
 
 * ``train``: candidate-phase training steps (``train_on_batch``), the fine-tuning that
   dominates a CPU run;

@@ -40,8 +40,8 @@ class Backbone:
             backbones that have no width multiplier.
         cpu_bfloat16: Whether ``train.mixed_precision: auto`` trains it in bfloat16 on a CPU
             with AMX or AVX-512 BF16: true where ``benchmarks/bench_cpu_precision.py`` measured
-            it faster on both (docs/performance.md), false where the casts cost more than the 16-bit math
-            saves (the depthwise-convolution backbones).
+            it faster on both (docs/performance.md), false where the casts cost more than the
+            16-bit math saves (the depthwise-convolution backbones).
     """
 
     name: str

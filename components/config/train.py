@@ -39,9 +39,9 @@ class TrainConfig:
     top, or the name of the first layer to train. ``mixed_precision`` ``auto`` is float16
     on GPU, bfloat16 on TPU, and on CPU bfloat16 only for the backbones where it was measured
     to pay on CPUs with bfloat16 units, AMX or AVX-512 BF16 (components/train/precision.py),
-    float32 otherwise; ``true`` or
-    ``false`` force it. ``xla`` is ``auto`` (on with a GPU or TPU, off on CPU), ``true`` or
-    ``false``. Whatever it trains in, the stage saves float32 models.
+    float32 otherwise; ``true`` or ``false`` force it. ``xla`` is ``auto`` (on with a GPU or
+    TPU, off on CPU), ``true`` or ``false``. Whatever it trains in, the stage saves float32
+    models.
     ``early_stopping_patience`` 0 trains every epoch; N stops after N epochs without a lower
     eval loss and keeps the best weights. ``backup_every_steps`` 0 backs up for preemption at
     every epoch end, N every N steps (the last epoch's end never: ``fit`` deletes the backup as

@@ -225,18 +225,19 @@ def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     return tf.reverse(image, tf.boolean_mask([0, 1], tf.stack([flipped, mirrored])))
 
 
-def to_rgb(image: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
+def to_rgb(image: tf.Tensor, has_alpha: tf.Tensor) -> tf.Tensor:
     """Decoded uint8 pixels with 1-4 channels -> float32 RGB 0-255, as the preprocessing
     stage's ``_to_rgb``: transparency (the last channel of 2 or 4) is composited on white
-    where ``alpha`` is true, and dropped where it is false."""
+    where ``has_alpha`` is true; a fourth channel is dropped where it is false."""
     pixels = tf.cast(image, tf.float32)
     channels = tf.shape(pixels)[-1]
-    pixels = tf.cond(tf.logical_not(alpha) & tf.equal(channels, 4), lambda: pixels[..., :3], lambda: pixels)
+    drop_fourth = tf.logical_not(has_alpha) & tf.equal(channels, 4)
+    pixels = tf.cond(drop_fourth, lambda: pixels[..., :3], lambda: pixels)
     channels = tf.shape(pixels)[-1]
 
     def on_white() -> tf.Tensor:
-        alpha = pixels[..., -1:] / 255.0
-        return pixels[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+        opacity = pixels[..., -1:] / 255.0
+        return pixels[..., :-1] * opacity + 255.0 * (1.0 - opacity)
 
     color = tf.cond(tf.equal(channels % 2, 0), on_white, lambda: pixels)
     color = tf.cond(tf.equal(tf.shape(color)[-1], 1), lambda: tf.tile(color, [1, 1, 3]), lambda: color)
